@@ -1,0 +1,137 @@
+"""Every config key Loom knows, with its default and a one-line meaning.
+
+Experiment files (`configs/*.py`) start from `get_config()` here and change a few fields.
+`python -m train --help` prints the table in `HELP`, so a key without a line there is a bug.
+"""
+from ml_collections import ConfigDict
+
+# Logical axis name -> mesh axes. Parameters use the plain names, activations the `act_` ones,
+# so that `batch` (on data+fsdp) never collides with a parameter's fsdp-sharded `embed` axis.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    ("pos", None),
+    ("seq", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+HELP = {
+    "model.family": "model family: decoder (causal LM)",
+    "model.vocab_size": "vocabulary size; 0 = take it from the tokenizer",
+    "model.d_model": "residual stream width (D)",
+    "model.n_heads": "query heads (H)",
+    "model.n_kv_heads": "key/value heads for GQA/MQA; 0 = n_heads (plain multi-head)",
+    "model.head_dim": "per-head width (K); 0 = d_model // n_heads",
+    "model.n_layers": "transformer blocks",
+    "model.d_ff": "MLP hidden width (F)",
+    "model.mlp": "swiglu | gelu",
+    "model.norm": "rmsnorm | layernorm (pre-norm everywhere)",
+    "model.norm_eps": "epsilon of the norms",
+    "model.pos": "rope | learned | sinusoidal",
+    "model.rope_theta": "RoPE base frequency",
+    "model.max_len": "longest sequence the position scheme supports",
+    "model.tie_embeddings": "share the input embedding with the output projection",
+    "model.use_bias": "biases in dense layers",
+    "model.dropout": "dropout rate on embeddings and residual branches",
+    "model.dtype": "compute dtype: bfloat16 | float32 | float16",
+    "model.param_dtype": "parameter (and optimizer state) dtype",
+    "model.scan_layers": "stack blocks with nn.scan (compile time independent of depth)",
+    "model.remat": "rematerialisation: none | full | dots | minimal",
+    "model.attention": "attention kernel: auto (cudnn on GPU, else xla) | xla | cudnn",
+    "model.init_std": "stddev of the normal initialiser of dense and embedding weights",
+    "data.source": "python_stdlib (offline corpus) | text_files (data.paths) | tfds (data.tfds_name)",
+    "data.paths": "globs of .txt/.jsonl/source files for source=text_files",
+    "data.tfds_name": "name of a tfds dataset prepared in data.data_dir, for source=tfds",
+    "data.text_field": "feature holding the text (tfds datasets, .jsonl files)",
+    "data.data_dir": "tfds data dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets",
+    "data.train_split": "split to train on (tfds split syntax, e.g. train[:90%])",
+    "data.eval_split": "split to evaluate on",
+    "data.validation_percent": "local corpora: percent of documents (by hash) held out",
+    "data.max_docs": "local corpora: keep at most this many documents; 0 = all",
+    "data.seq_len": "tokens per training sequence (T)",
+    "data.batch_size": "global batch size in sequences (B), across all devices and hosts",
+    "data.packing": "pack documents into full rows (segment ids keep them apart) vs pad",
+    "data.shuffle_seed": "seed of the document and row shuffles",
+    "data.interleave": "documents read at once, so a batch mixes pieces of many documents",
+    "data.shuffle_window": "rows shuffled together after packing; 1 = no row shuffle",
+    "data.num_epochs": "passes over the training split; 0 = repeat forever",
+    "data.worker_count": "grain worker processes for the train pipeline; 0 = in-process",
+    "data.tokenizer.path": "sentencepiece .model file; '' = train one on the train split",
+    "data.tokenizer.vocab_size": "vocabulary size when training a tokenizer",
+    "data.tokenizer.model_type": "unigram | bpe, when training a tokenizer",
+    "data.tokenizer.sample_chars": "characters sampled from the train split to train it",
+    "mesh.data": "data-parallel mesh axis size; -1 = fill with the remaining devices",
+    "mesh.fsdp": "fully-sharded data-parallel axis size; -1 = fill",
+    "mesh.tensor": "tensor-parallel axis size; -1 = fill",
+    "mesh.rules": "logical axis name -> mesh axis (or tuple of axes, or None) table",
+    "opt.lr": "peak learning rate",
+    "opt.schedule": "cosine | linear | constant (after linear warmup)",
+    "opt.warmup_steps": "linear warmup steps from 0 to opt.lr",
+    "opt.min_lr_ratio": "final learning rate as a fraction of opt.lr",
+    "opt.b1": "AdamW beta1",
+    "opt.b2": "AdamW beta2",
+    "opt.eps": "AdamW epsilon",
+    "opt.weight_decay": "decoupled weight decay (norm scales, biases and positions exempt)",
+    "opt.clip_norm": "global gradient norm clip; 0 = off",
+    "opt.grad_accum": "micro-batches per optimizer step (data.batch_size is split in this many)",
+    "train.steps": "optimizer steps in the whole run",
+    "train.seed": "seed of parameter init and dropout",
+    "train.objective": "training objective: clm (next-token prediction)",
+    "train.z_loss": "coefficient of the log(Z)^2 auxiliary loss; 0 = off",
+    "train.log_every": "steps between metric logs",
+    "train.peak_tflops": "device peak TFLOP/s for MFU; 0 = look up a known accelerator",
+    "eval.every": "steps between evaluations on data.eval_split; 0 = only at the end",
+    "eval.steps": "batches per evaluation",
+    "eval.sample_prompt": "prompt of the text sample printed after training; '' = none",
+    "eval.sample_tokens": "tokens generated for that sample",
+    "eval.sample_temperature": "sampling temperature for that sample; 0 = greedy",
+    "ckpt.every": "steps between checkpoints; 0 = only at the end",
+    "ckpt.keep": "most recent checkpoints kept",
+    "ckpt.keep_best": "checkpoints with the lowest eval loss kept besides those",
+    "ckpt.async_save": "write checkpoints in the background while training continues",
+}
+
+
+def get_config() -> ConfigDict:
+    """Defaults: a GPT-style decoder with Llama-style blocks, sized like the 125M preset."""
+    c = ConfigDict()
+    c.model = ConfigDict(dict(
+        family="decoder", vocab_size=0, d_model=768, n_heads=12, n_kv_heads=0, head_dim=0,
+        n_layers=12, d_ff=2048, mlp="swiglu", norm="rmsnorm", norm_eps=1e-6, pos="rope",
+        rope_theta=10000.0, max_len=2048, tie_embeddings=True, use_bias=False, dropout=0.0,
+        dtype="bfloat16", param_dtype="float32", scan_layers=True, remat="none",
+        attention="auto", init_std=0.02,
+    ))
+    c.data = ConfigDict(dict(
+        source="python_stdlib", paths=(), tfds_name="", text_field="text", data_dir="",
+        train_split="train", eval_split="validation", validation_percent=2.0, max_docs=0,
+        seq_len=1024, batch_size=32, packing=True, shuffle_seed=0, interleave=64,
+        shuffle_window=1024, num_epochs=0,
+        worker_count=0,
+        tokenizer=ConfigDict(dict(path="", vocab_size=8192, model_type="unigram",
+                                  sample_chars=5_000_000)),
+    ))
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=DEFAULT_RULES))
+    c.opt = ConfigDict(dict(
+        lr=3e-4, schedule="cosine", warmup_steps=200, min_lr_ratio=0.1, b1=0.9, b2=0.95,
+        eps=1e-8, weight_decay=0.1, clip_norm=1.0, grad_accum=1,
+    ))
+    c.train = ConfigDict(dict(
+        steps=10_000, seed=0, objective="clm", z_loss=0.0, log_every=50, peak_tflops=0.0,
+    ))
+    c.eval = ConfigDict(dict(
+        every=1000, steps=20, sample_prompt="def ", sample_tokens=64, sample_temperature=0.7,
+    ))
+    c.ckpt = ConfigDict(dict(every=1000, keep=3, keep_best=1, async_save=True))
+    return c

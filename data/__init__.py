@@ -1,0 +1,1 @@
+"""Loom data: tfds builders, sentencepiece tokenizer, packing/masking pipelines, iterators."""

@@ -1,0 +1,105 @@
+"""Raw documents, as (key, text) pairs, from the places a corpus can live on local disk.
+
+`python_stdlib` is the corpus every machine with Python has offline: the English prose of the
+interpreter's `pydoc` topics and the code and docstrings of its standard library.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Iterator, Sequence
+
+Document = tuple[str, str]
+
+# Standard-library folders that are data tables, vendored copies or tests rather than prose/code.
+_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "encodings",
+                "ensurepip", "lib2to3", "pydoc_data", "__pycache__", "turtledemo"}
+
+
+class DataError(ValueError):
+    """Bad data input (missing path, unreadable file, missing field); the message says which."""
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def python_stdlib() -> Iterator[Document]:
+    """pydoc topic texts, then every standard-library module's source, in a fixed order."""
+    from pydoc_data.topics import topics
+    for name in sorted(topics):
+        yield f"pydoc/{name}", topics[name]
+    root = stdlib_dir()
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if _STDLIB_SKIP & set(rel.parts) or rel.parts[0].startswith(("config-", "_sysconfigdata")):
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if text.strip():
+            yield f"stdlib/{rel.as_posix()}", text
+
+
+def python_stdlib_fingerprint() -> str:
+    """Changes whenever the interpreter (and so the corpus) changes."""
+    return f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}:{stdlib_dir()}"
+
+
+def expand(patterns: Sequence[str]) -> list[str]:
+    """Files matched by globs or named directly (directories contribute all files below them)."""
+    files: set[str] = set()
+    for pattern in patterns:
+        pattern = os.path.expanduser(pattern)
+        for match in glob.glob(pattern, recursive=True):
+            if os.path.isdir(match):
+                files.update(str(p) for p in Path(match).rglob("*") if p.is_file())
+            else:
+                files.add(match)
+    return sorted(files)
+
+
+def text_files(patterns: Sequence[str], text_field: str = "text") -> Iterator[Document]:
+    """Each plain file is one document; each line of a `.jsonl` file is one, from `text_field`."""
+    files = expand(patterns)
+    if not files:
+        raise DataError(f"data.paths {list(patterns)} match no files; check the paths or globs")
+    for name in files:
+        if name.endswith(".jsonl"):
+            yield from _jsonl(name, text_field)
+            continue
+        try:
+            text = Path(name).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{name} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        if text.strip():
+            yield name, text
+
+
+def _jsonl(name: str, text_field: str) -> Iterator[Document]:
+    with open(name, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{name}:{i} is not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or text_field not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise DataError(f"{name}:{i} has no field {text_field!r} (data.text_field); "
+                                f"its fields are {keys}")
+            if str(record[text_field]).strip():
+                yield f"{name}:{i}", str(record[text_field])
+
+
+def files_fingerprint(patterns: Sequence[str]) -> str:
+    """Hash of matched file names, sizes and modification times: changes when the corpus does."""
+    h = hashlib.sha256()
+    for name in expand(patterns):
+        st = os.stat(name)
+        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()

@@ -1,0 +1,104 @@
+"""Multi-head attention with grouped KV heads, RoPE, segment masks and a decoding KV cache.
+
+The kernel is `jax.nn.dot_product_attention`: cuDNN flash attention on GPU, XLA elsewhere.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from model.config import ModelConfig
+from model.layers import constrain, dense, rope
+
+
+def segment_mask(q_segments_BxT: jax.Array, kv_segments_BxS: jax.Array) -> jax.Array:
+    """B x 1 x T x S: a query sees keys of its own segment; segment 0 is padding."""
+    same = q_segments_BxT[:, :, None] == kv_segments_BxS[:, None, :]
+    return (same & (kv_segments_BxS[:, None, :] != 0))[:, None]
+
+
+def attention_impl(cfg: ModelConfig, decode: bool) -> str:
+    if cfg.attention != "auto":
+        return cfg.attention
+    on_gpu = jax.default_backend() == "gpu"
+    fast_dtype = cfg.dtype in ("bfloat16", "float16")
+    return "cudnn" if on_gpu and fast_dtype and not decode else "xla"
+
+
+class Attention(nn.Module):
+    """Self-attention (causal or not) or, given `kv_BxSxD`, cross-attention.
+
+    In `decode` mode, keys and values are appended to a cache in the "cache" collection, sized by
+    the length of the input the cache was initialised with; queries then attend to every filled
+    slot up to their own. Cache slot order is time order; `positions_BxT` carries each token's
+    position for RoPE, so left-padded rows and rows of different lengths decode correctly.
+    """
+    cfg: ModelConfig
+    out_std: float
+    causal: bool = True
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
+                 segment_ids_BxT: jax.Array | None, kv_BxSxD: jax.Array | None = None,
+                 kv_segment_ids_BxS: jax.Array | None = None) -> jax.Array:
+        cfg = self.cfg
+        n, g, k = cfg.n_heads, cfg.kv_heads, cfg.head_size
+        self_attention = kv_BxSxD is None
+        kv_in = x_BxTxD if self_attention else kv_BxSxD
+        q_BxTxNxK = dense(cfg, (n, k), ("embed", "heads", "head_dim"), name="query")(x_BxTxD)
+        k_BxSxGxK = dense(cfg, (g, k), ("embed", "kv_heads", "head_dim"), name="key")(kv_in)
+        v_BxSxGxK = dense(cfg, (g, k), ("embed", "kv_heads", "head_dim"), name="value")(kv_in)
+        q_BxTxNxK = constrain(q_BxTxNxK, ("batch", "seq", "act_heads", "head_dim"))
+        k_BxSxGxK = constrain(k_BxSxGxK, ("batch", "seq", "act_kv_heads", "head_dim"))
+        v_BxSxGxK = constrain(v_BxSxGxK, ("batch", "seq", "act_kv_heads", "head_dim"))
+        if cfg.pos == "rope" and self_attention:
+            q_BxTxNxK = rope(q_BxTxNxK, positions_BxT, cfg.rope_theta)
+            k_BxSxGxK = rope(k_BxSxGxK, positions_BxT, cfg.rope_theta)
+
+        is_causal = self.causal and self_attention
+        if self.decode and self_attention:
+            k_BxSxGxK, v_BxSxGxK, mask = self._cached(k_BxSxGxK, v_BxSxGxK, segment_ids_BxT)
+            is_causal = False  # the cache mask is causal in slot order already
+        elif self_attention:
+            mask = None if segment_ids_BxT is None else segment_mask(segment_ids_BxT,
+                                                                      segment_ids_BxT)
+        else:
+            mask = None if kv_segment_ids_BxS is None else segment_mask(
+                segment_ids_BxT if segment_ids_BxT is not None else
+                jnp.ones(x_BxTxD.shape[:2], jnp.int32), kv_segment_ids_BxS)
+
+        out_BxTxNxK = jax.nn.dot_product_attention(
+            q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask=mask, is_causal=is_causal,
+            implementation=attention_impl(cfg, self.decode))
+        out_BxTxNxK = constrain(out_BxTxNxK, ("batch", "seq", "act_heads", "head_dim"))
+        out_BxTxD = dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), axis=(-2, -1),
+                          std=self.out_std, name="out")(out_BxTxNxK)
+        return constrain(out_BxTxD, ("batch", "seq", "act_embed"))
+
+    def _cached(self, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT):
+        """Writes this chunk's keys/values at the cache index; returns the whole cache + mask."""
+        initialised = self.has_variable("cache", "cached_key")
+        batch, length = k_BxTxGxK.shape[:2]
+        if segment_ids_BxT is None:
+            segment_ids_BxT = jnp.ones((batch, length), jnp.int32)
+        key = self.variable("cache", "cached_key", jnp.zeros, k_BxTxGxK.shape, k_BxTxGxK.dtype)
+        value = self.variable("cache", "cached_value", jnp.zeros, v_BxTxGxK.shape, v_BxTxGxK.dtype)
+        segments = self.variable("cache", "cached_segment", jnp.zeros, (batch, length), jnp.int32)
+        index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        if not initialised:  # cache creation: shapes only, attend causally within the input
+            causal_TxT = jnp.tril(jnp.ones((length, length), bool))
+            return k_BxTxGxK, v_BxTxGxK, causal_TxT[None, None] & segment_mask(
+                segment_ids_BxT, segment_ids_BxT)
+        i = index.value
+        key.value = lax.dynamic_update_slice(key.value, k_BxTxGxK, (0, i, 0, 0))
+        value.value = lax.dynamic_update_slice(value.value, v_BxTxGxK, (0, i, 0, 0))
+        segments.value = lax.dynamic_update_slice(
+            segments.value, segment_ids_BxT.astype(jnp.int32), (0, i))
+        index.value = i + length
+        slots_S = jnp.arange(key.value.shape[1])
+        causal_TxS = slots_S[None, :] <= (i + jnp.arange(length))[:, None]
+        mask = causal_TxS[None, None] & segment_mask(segment_ids_BxT, segments.value)
+        return key.value, value.value, mask

@@ -1,0 +1,98 @@
+"""The model's hyper-parameters as a frozen dataclass, validated once."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+FAMILIES = ("decoder",)
+CHOICES = {
+    "mlp": ("swiglu", "gelu"),
+    "norm": ("rmsnorm", "layernorm"),
+    "pos": ("rope", "learned", "sinusoidal"),
+    "remat": ("none", "full", "dots", "minimal"),
+    "attention": ("auto", "xla", "cudnn"),
+    "dtype": ("bfloat16", "float32", "float16"),
+    "param_dtype": ("bfloat16", "float32"),
+}
+
+
+class ModelConfigError(ValueError):
+    """A model hyper-parameter that cannot work; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    family: str = "decoder"
+    vocab_size: int = 32000
+    d_model: int = 768
+    n_heads: int = 12
+    n_kv_heads: int = 0
+    head_dim: int = 0
+    n_layers: int = 12
+    d_ff: int = 2048
+    mlp: str = "swiglu"
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-6
+    pos: str = "rope"
+    rope_theta: float = 10000.0
+    max_len: int = 2048
+    tie_embeddings: bool = True
+    use_bias: bool = False
+    dropout: float = 0.0
+    dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat: str = "none"
+    attention: str = "auto"
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ModelConfigError(f"model.family={self.family!r}: choose one of {FAMILIES}")
+        for key, allowed in CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ModelConfigError(
+                    f"model.{key}={getattr(self, key)!r}: choose one of {allowed}")
+        for key in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_len"):
+            if getattr(self, key) <= 0:
+                raise ModelConfigError(f"model.{key} must be positive, got {getattr(self, key)}")
+        if self.n_heads % self.kv_heads:
+            raise ModelConfigError(
+                f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads="
+                f"{self.kv_heads} (grouped-query attention shares each KV head by a group)")
+        if not self.head_dim and self.d_model % self.n_heads:
+            raise ModelConfigError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads};"
+                " set model.head_dim explicitly")
+        if self.pos == "rope" and self.head_size % 2:
+            raise ModelConfigError(f"RoPE needs an even head size, got {self.head_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ModelConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], **overrides: Any) -> "ModelConfig":
+        """Builds from a config section (a ConfigDict or dict); unknown keys are an error."""
+        values = dict(values, **overrides)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ModelConfigError(f"unknown model keys {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weights_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)

@@ -1,0 +1,169 @@
+"""Building blocks shared by every model family: dense layers, norms, embeddings, positions, MLP.
+
+Shape legend: B batch, T length, D d_model, N query heads, G kv heads, K head size, F d_ff,
+V vocab. Every parameter is created with logical axis names (see configs/base.py: DEFAULT_RULES)
+and every large activation is constrained by logical names, so no module names a mesh axis.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.config import ModelConfig
+
+Names = tuple[str | None, ...]
+
+
+def constrain(x: jax.Array, names: Names) -> jax.Array:
+    """Sharding constraint by logical names; a no-op outside a mesh/rules context."""
+    return nn.with_logical_constraint(x, names)
+
+
+class Dense(nn.Module):
+    """x @ kernel over the trailing `axis` dims of x; the kernel carries logical axis `names`.
+
+    (flax's DenseGeneral initialises a flattened kernel, which breaks logical constraints on
+    multi-axis kernels under a mesh; this one creates the kernel in its real shape.)
+    """
+    features: tuple[int, ...]
+    names: Names
+    axis: tuple[int, ...]
+    std: float
+    use_bias: bool
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        axis = tuple(a % x.ndim for a in self.axis)
+        kernel_shape = tuple(x.shape[a] for a in axis) + self.features
+        kernel = self.param("kernel", nn.with_logical_partitioning(
+            nn.initializers.normal(self.std), self.names), kernel_shape, self.param_dtype)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        y = jax.lax.dot_general(x, kernel, ((axis, tuple(range(len(axis)))), ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(
+                nn.initializers.zeros, self.names[len(axis):]), self.features, self.param_dtype)
+            y = y + bias.astype(self.dtype).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
+        return y
+
+
+def dense(cfg: ModelConfig, features: int | Sequence[int], names: Names, *, axis=-1,
+          std: float | None = None, name: str | None = None) -> Dense:
+    """A Dense layer in the model's dtypes; `names` lists input axes, then output axes."""
+    return Dense(features=(features,) if isinstance(features, int) else tuple(features),
+                 names=names, axis=(axis,) if isinstance(axis, int) else tuple(axis),
+                 std=cfg.init_std if std is None else std, use_bias=cfg.use_bias,
+                 dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype, name=name)
+
+
+def norm(cfg: ModelConfig, name: str | None = None) -> nn.Module:
+    """Pre-norm layer chosen by `model.norm`; statistics are computed in float32."""
+    scale_init = nn.with_logical_partitioning(nn.initializers.ones, ("norm",))
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.compute_dtype,
+                          param_dtype=cfg.weights_dtype, scale_init=scale_init, name=name)
+    return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=cfg.compute_dtype,
+                        param_dtype=cfg.weights_dtype, scale_init=scale_init,
+                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+                        name=name)
+
+
+def token_embedding(cfg: ModelConfig, name: str = "embed") -> nn.Embed:
+    return nn.Embed(
+        num_embeddings=cfg.vocab_size, features=cfg.d_model,
+        dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype,
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
+        name=name)
+
+
+def sinusoidal(positions_BxT: jax.Array, d: int, dtype) -> jax.Array:
+    """Transformer (Vaswani et al.) sin/cos position encodings for arbitrary positions."""
+    inv_freq = 1.0 / (10000.0 ** (np.arange(0, d, 2, dtype=np.float32) / d))
+    angles_BxTxd = positions_BxT[..., None].astype(jnp.float32) * inv_freq[None, None]
+    return jnp.concatenate([jnp.sin(angles_BxTxd), jnp.cos(angles_BxTxd)], -1).astype(dtype)
+
+
+def rope(x_BxTxNxK: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, half-split ("rotate_half") layout as in Hugging Face Llama."""
+    k = x_BxTxNxK.shape[-1]
+    inv_freq = 1.0 / (theta ** (np.arange(0, k, 2, dtype=np.float32) / k))
+    angles_BxTx1xk = (positions_BxT[..., None].astype(jnp.float32) * inv_freq[None, None])[:, :, None]
+    cos, sin = jnp.cos(angles_BxTx1xk), jnp.sin(angles_BxTx1xk)
+    x1, x2 = jnp.split(x_BxTxNxK.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxNxK.dtype)
+
+
+class PositionEmbedding(nn.Module):
+    """Adds absolute positions (learned or sinusoidal); identity for RoPE models."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        if cfg.pos == "learned":
+            table = nn.Embed(
+                cfg.max_len, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype,
+                embedding_init=nn.with_logical_partitioning(
+                    nn.initializers.normal(cfg.init_std), ("pos", "embed")),
+                name="table")
+            return x_BxTxD + table(positions_BxT)
+        if cfg.pos == "sinusoidal":
+            return x_BxTxD + sinusoidal(positions_BxT, cfg.d_model, cfg.compute_dtype)
+        return x_BxTxD
+
+
+class Mlp(nn.Module):
+    """SwiGLU (gate and up projections fused in one kernel) or GELU feed-forward block."""
+    cfg: ModelConfig
+    out_std: float
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        if cfg.mlp == "swiglu":
+            h_BxTx2xF = dense(cfg, (2, cfg.d_ff), ("embed", None, "mlp"), name="wi")(x_BxTxD)
+            h_BxTx2xF = constrain(h_BxTx2xF, ("batch", "seq", None, "act_mlp"))
+            h_BxTxF = nn.silu(h_BxTx2xF[:, :, 0]) * h_BxTx2xF[:, :, 1]
+        else:
+            h_BxTxF = nn.gelu(dense(cfg, cfg.d_ff, ("embed", "mlp"), name="wi")(x_BxTxD))
+        h_BxTxF = constrain(h_BxTxF, ("batch", "seq", "act_mlp"))
+        out_BxTxD = dense(cfg, cfg.d_model, ("mlp", "embed"), std=self.out_std, name="wo")(h_BxTxF)
+        return constrain(out_BxTxD, ("batch", "seq", "act_embed"))
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def stack(cfg: ModelConfig, block: type[nn.Module], n: int, x: jax.Array, *args,
+          name: str = "layers", **block_attrs) -> jax.Array:
+    """Applies `n` blocks `block(cfg, **block_attrs)(x, *args) -> (x, None)` in sequence.
+
+    Call it from a compact method. With `model.scan_layers` the blocks are one `nn.scan`, so
+    compile time does not grow with depth and parameters gain a leading "layers" axis; otherwise
+    they are unrolled as `{name}_0 .. {name}_{n-1}`. `model.remat` picks what the backward pass
+    recomputes instead of storing.
+    """
+    if cfg.remat != "none":
+        block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+        scanned = nn.scan(
+            block, variable_axes={"params": 0, "cache": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast,) * len(args), length=n,
+            metadata_params={nn.PARTITION_NAME: "layers"})
+        x, _ = scanned(cfg, name=name, **block_attrs)(x, *args)
+        return x
+    for i in range(n):
+        x, _ = block(cfg, name=f"{name}_{i}", **block_attrs)(x, *args)
+    return x

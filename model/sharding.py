@@ -1,0 +1,124 @@
+"""Device mesh from the config's `data`/`fsdp`/`tensor` axes, and logical-name sharding rules.
+
+Modules only speak logical axis names ("embed", "mlp", "batch", ...); this file is the one place
+that turns them into mesh axes, using the `mesh.rules` table of the config.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Any, Iterator, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+Rules = tuple[tuple[str, Any], ...]
+
+
+class MeshError(ValueError):
+    """The requested mesh does not fit the devices; the message says how to fix it."""
+
+
+def mesh_shape(mesh_cfg: Mapping[str, Any], n_devices: int) -> tuple[int, ...]:
+    """Sizes of (data, fsdp, tensor); at most one -1, which takes the remaining devices."""
+    sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+    if any(s == 0 or s < -1 for s in sizes):
+        raise MeshError(f"mesh axes must be positive or -1 (fill), got "
+                        f"{dict(zip(MESH_AXES, sizes))}")
+    fill = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
+    if len(fill) > 1:
+        raise MeshError(f"only one mesh axis may be -1 (fill), got {fill}")
+    fixed = math.prod(s for s in sizes if s != -1)
+    if fill:
+        if n_devices % fixed:
+            raise MeshError(
+                f"mesh {dict(zip(MESH_AXES, sizes))}: {n_devices} devices are not divisible by "
+                f"the fixed axes' product {fixed}; choose axis sizes that divide {n_devices}")
+        sizes[MESH_AXES.index(fill[0])] = n_devices // fixed
+    elif fixed != n_devices:
+        raise MeshError(
+            f"mesh {dict(zip(MESH_AXES, sizes))} needs {fixed} devices but {n_devices} are "
+            f"present; make data*fsdp*tensor equal {n_devices}, or set one axis to -1")
+    return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: Mapping[str, Any], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mesh_cfg, len(devices))
+    if devices == jax.devices():
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def rules_from_config(rules: Sequence[Sequence[Any]]) -> Rules:
+    """Validates the `mesh.rules` table: pairs of (logical name, mesh axis | tuple | None)."""
+    out = []
+    for rule in rules:
+        if len(rule) != 2 or not isinstance(rule[0], str):
+            raise MeshError(f"mesh.rules entries are (logical_name, mesh_axes) pairs, got {rule!r}")
+        name, axes = rule
+        axes_tuple = axes if isinstance(axes, (tuple, list)) else (axes,)
+        bad = [a for a in axes_tuple if a is not None and a not in MESH_AXES]
+        if bad:
+            raise MeshError(f"mesh.rules: {name!r} maps to unknown mesh axes {bad}; "
+                            f"mesh axes are {MESH_AXES}")
+        out.append((name, tuple(axes) if isinstance(axes, list) else axes))
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """Makes `mesh` and `rules` current, so logical constraints inside jit resolve."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def _fit(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, what: str) -> PartitionSpec:
+    """Drops mesh axes from dimensions they do not divide (e.g. 2 KV heads on tensor=4)."""
+    fitted = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = axes if isinstance(axes, tuple) else (axes,)
+        size = math.prod(mesh.shape[a] for a in names if a is not None)
+        if axes is not None and dim % size:
+            logging.info("%s: dimension %d not divisible by mesh axes %s; replicated", what, dim,
+                         axes)
+            axes = None
+        fitted.append(axes)
+    return PartitionSpec(*fitted)
+
+
+def unboxed(tree: Any) -> Any:
+    """The values of a tree of logically-partitioned boxes, without sharding constraints."""
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False)
+                        if isinstance(x, nn.meta.AxisMetadata) else x, tree,
+                        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules) -> Any:
+    """NamedShardings for a tree of logically-partitioned (boxed) abstract values."""
+    specs = nn.get_partition_spec(abstract_boxed)
+    shapes = unboxed(abstract_boxed)
+
+    def one(path, spec, leaf):
+        mesh_spec = nn.logical_to_mesh_axes(spec, rules) if spec is not None else PartitionSpec()
+        return NamedSharding(mesh, _fit(mesh_spec, leaf.shape, mesh, jax.tree_util.keystr(path)))
+
+    return jax.tree_util.tree_map_with_path(
+        one, specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
+    """Sharding of a [batch, ...] input: batch over the axes the "batch" rule names."""
+    spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), rules)
+    return NamedSharding(mesh, spec)
+
+
+def batch_divisor(mesh: Mesh, rules: Rules) -> int:
+    """How many ways the batch dimension is split: the global batch must be a multiple."""
+    axes = batch_sharding(mesh, rules).spec[0]
+    axes = axes if isinstance(axes, tuple) else (axes,)
+    return math.prod(mesh.shape[a] for a in axes if a is not None)

@@ -1,0 +1,1 @@
+"""Loom training: the loop, optimizer, checkpoints, eval, decoding and the CLIs."""

@@ -1,0 +1,26 @@
+"""python -m train --config configs/quickstart.py --workdir runs/quickstart [--config.KEY=VALUE ...]"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from train.cli import fail_cleanly, parse
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Train (or resume) a Loom model. A second run with the same --workdir resumes "
+                    "from its latest checkpoint.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True,
+                        help="run directory: checkpoints, tokenizer, metrics.jsonl, tensorboard/")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    with fail_cleanly():
+        args, config = parse(parser, argv)
+        from train.loop import train
+        train(config, args.workdir, progress=not args.no_progress)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

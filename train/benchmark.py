@@ -1,0 +1,95 @@
+"""python -m train.benchmark --config configs/bench_tiny.py [--steps N] [--config.KEY=VALUE ...]
+
+Times Loom's compiled train step on synthetic tokens (no data pipeline, no tokenizer) and prints
+one JSON line per measurement: params, step time, tokens/s, model TFLOP/s, MFU against the device
+peak, compile time and peak device memory. FLOPs count like ../shared/bench/reference_gpt.py
+(6N + 12*L*d*T per token), so the two print comparable figures side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from ml_collections import ConfigDict
+
+import model as model_lib
+from model.sharding import activate
+from train import state as state_lib
+from train.cli import fail_cleanly, parse
+from train.config import validate
+from train.metrics import peak_tflops, throughput
+
+
+def synthetic_batch(config: ConfigDict, sharding, seed: int = 1) -> dict[str, jax.Array]:
+    """Uniformly random tokens in the layout of a real causal-LM batch."""
+    b, t, v = config.data.batch_size, config.data.seq_len, config.model.vocab_size
+    tokens = jax.random.randint(jax.random.PRNGKey(seed), (b, t + 1), 0, v, jnp.int32)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+             "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
+             "segment_ids": jnp.ones((b, t), jnp.int32), "weights": jnp.ones((b, t), jnp.float32)}
+    return jax.device_put(batch, sharding)
+
+
+def peak_memory_gb() -> float | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return round(peak / 2**30, 3) if peak else None
+
+
+def measure(config: ConfigDict, steps: int, warmup: int = 2) -> dict[str, Any]:
+    """Compiles and times `steps` train steps of `config` after `warmup` untimed ones."""
+    from train.loop import build  # deferred: keeps --help fast
+
+    if not config.model.vocab_size:
+        config.model.vocab_size = 32000
+    validate(config)
+    setup = build(config)
+    with activate(setup.mesh, setup.rules):
+        state = state_lib.init(setup.model, setup.model_cfg, setup.tx, setup.state_shardings,
+                               config.train.seed)
+        batch = synthetic_batch(config, setup.batch_sharding)
+        t0 = time.perf_counter()
+        step = setup.train_step().lower(state, batch).compile()
+        compile_s = time.perf_counter() - t0
+        for _ in range(warmup):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        dt = (time.perf_counter() - t0) / steps
+    n_params = state_lib.param_count(state.params)
+    tokens = config.data.batch_size * config.data.seq_len
+    flops = model_lib.flops_per_token(setup.model_cfg, n_params, config.data.seq_len)
+    peak = peak_tflops(config.train.peak_tflops)
+    figures = throughput(dt, tokens, flops, peak)
+    out = dict(system="loom", device=jax.devices()[0].device_kind, n_devices=jax.device_count(),
+               batch=config.data.batch_size, seq=config.data.seq_len,
+               params_M=round(n_params / 1e6, 1), dtype=config.model.dtype,
+               remat=config.model.remat, step_s=round(dt, 4),
+               tok_per_s=round(figures["tokens_per_s"]),
+               model_tflops=round(figures["model_tflops"], 2), peak_tflops=peak,
+               mfu=round(figures["mfu"], 3) if "mfu" in figures else None,
+               compile_s=round(compile_s, 1), peak_mem_gb=peak_memory_gb(),
+               loss=round(float(metrics["loss"]), 4))
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m train.benchmark", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up)")
+    with fail_cleanly():
+        args, config = parse(parser, argv)
+        measure(config, args.steps)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,44 @@
+"""What every `python -m train...` command shares: --config + overrides, --help listing every
+config key, and turning bad input into one clear line instead of a traceback."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from typing import Iterator, Sequence
+
+from ml_collections import ConfigDict
+
+from configs.base import get_config as base_config
+from data.sources import DataError
+from model.config import ModelConfigError
+from model.sharding import MeshError
+from train.checkpoint import CheckpointError
+from train.config import ConfigError, apply_overrides, help_table, load
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, MeshError, ModelConfigError)
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+          config_required: bool = True) -> tuple[argparse.Namespace, ConfigDict | None]:
+    """Adds --config to `parser`, parses, loads the config and applies --config.* overrides."""
+    parser.add_argument("--config", required=config_required,
+                        help="experiment file defining get_config(), e.g. configs/quickstart.py")
+    parser.epilog = ("config overrides (--config.KEY=VALUE; defaults of configs/base.py):\n"
+                     + help_table(base_config()))
+    args, rest = parser.parse_known_args(argv)
+    if not args.config:
+        if rest:
+            raise ConfigError(f"{rest[0]!r} needs --config (or is not an option of this command)")
+        return args, None
+    return args, apply_overrides(load(args.config), rest)
+
+
+@contextlib.contextmanager
+def fail_cleanly() -> Iterator[None]:
+    """Exits with status 2 and a one-line message for input errors."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,247 @@
+"""The training loop: build everything from the config, resume if a checkpoint exists, train,
+evaluate, checkpoint, and end with a text sample."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import optax
+from jax.sharding import Mesh, NamedSharding
+from ml_collections import ConfigDict
+
+import model as model_lib
+from data import pipeline
+from data.sources import DataError
+from data.tokenizer import BOS, EOS, Tokenizer
+from model.config import ModelConfig
+from model.sharding import Rules, activate, batch_divisor, batch_sharding, make_mesh, \
+    rules_from_config
+from train import generate, optimizer, step as step_lib
+from train import state as state_lib
+from train.checkpoint import Checkpointer, CheckpointError
+from train.config import ConfigError, validate
+from train.eval import evaluate
+from train.metrics import MetricsLog, peak_tflops, throughput
+from train.objectives import OBJECTIVES
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a config determines before any array exists."""
+    config: ConfigDict
+    model_cfg: ModelConfig
+    model: nn.Module
+    mesh: Mesh
+    rules: Rules
+    tx: optax.GradientTransformation
+    lr_schedule: optax.Schedule
+    state_shardings: state_lib.TrainState
+    batch_sharding: NamedSharding
+
+    def train_step(self):
+        return step_lib.jit_train_step(
+            self.state_shardings, self.batch_sharding,
+            objective=OBJECTIVES[self.config.train.objective], model=self.model, tx=self.tx,
+            lr_schedule=self.lr_schedule, grad_accum=self.config.opt.grad_accum,
+            z_loss=self.config.train.z_loss)
+
+    def eval_step(self):
+        return step_lib.jit_eval_step(self.state_shardings.params, self.batch_sharding,
+                                      objective=OBJECTIVES[self.config.train.objective],
+                                      model=self.model)
+
+
+def build(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Setup:
+    """Mesh (over `devices`, default all), model, optimizer and shardings for a validated
+    config with a known vocab size."""
+    mesh = make_mesh(config.mesh, devices)
+    rules = rules_from_config(config.mesh.rules)
+    model_cfg = ModelConfig.from_mapping(config.model)
+    model = model_lib.build(model_cfg)
+    tx, lr_schedule = optimizer.make(config.opt, config.train.steps)
+    divisor = batch_divisor(mesh, rules)
+    micro = config.data.batch_size // config.opt.grad_accum
+    if micro % divisor:
+        raise ConfigError(
+            f"the micro-batch of {micro} rows (data.batch_size / opt.grad_accum) does not split "
+            f"over the {divisor} data-parallel devices (mesh data*fsdp); use a multiple of "
+            f"{divisor}")
+    with activate(mesh, rules):
+        shardings = state_lib.shardings(model, model_cfg, tx, mesh, rules)
+    return Setup(config, model_cfg, model, mesh, rules, tx, lr_schedule, shardings,
+                 batch_sharding(mesh, rules))
+
+
+def with_vocab(config: ConfigDict, tokenizer: Tokenizer) -> ConfigDict:
+    """The config with model.vocab_size resolved from the tokenizer (0 = take its size)."""
+    config = ConfigDict(config.to_dict())
+    if config.model.vocab_size == 0:
+        config.model.vocab_size = tokenizer.vocab_size
+    elif config.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
+                          f"tokenizer's {tokenizer.vocab_size} pieces; set it to 0 (automatic)")
+    return config
+
+
+def _check_resumable(saved: dict[str, Any], config: ConfigDict, path: Path) -> None:
+    saved_model = saved.get("model", {})
+    diff = {k: (saved_model.get(k), v) for k, v in config.model.items() if saved_model.get(k) != v}
+    if diff:
+        changes = ", ".join(f"model.{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise CheckpointError(f"{path} was trained with a different model ({changes}); use a new "
+                              "--workdir or restore the original model settings")
+
+
+def _sample(setup: Setup, params: Any, tokenizer: Tokenizer) -> str | None:
+    cfg = setup.config.eval
+    if not cfg.sample_prompt:
+        return None
+    prompt = [BOS] + tokenizer.encode(cfg.sample_prompt)
+    with activate(setup.mesh, setup.rules):
+        new = generate.generate(setup.model_cfg, params, [prompt],
+                                max_new_tokens=cfg.sample_tokens, rng=jax.random.PRNGKey(0),
+                                temperature=cfg.sample_temperature, top_k=40,
+                                vocab_limit=tokenizer.vocab_size, eos_id=EOS)[0]
+    return cfg.sample_prompt + tokenizer.decode(new)
+
+
+def train(config: ConfigDict, workdir: str | Path, *, progress: bool = True,
+          stop_after: int | None = None) -> dict[str, Any]:
+    """Runs (or resumes) the training run of `config` in `workdir`; returns the last eval.
+
+    `stop_after=k` checkpoints and returns after step k, as a preempted job would; running again
+    continues exactly where it stopped.
+    """
+    validate(config)
+    workdir = Path(workdir).expanduser()
+    workdir.mkdir(parents=True, exist_ok=True)
+    tokenizer = pipeline.load_or_train_tokenizer(config.data, workdir)
+    config = with_vocab(config, tokenizer)
+    setup = build(config)
+    ckpt = Checkpointer(workdir, config.ckpt)
+    last = min(stop_after or config.train.steps, config.train.steps)
+    with activate(setup.mesh, setup.rules):
+        batches = pipeline.train_batches(config.data, tokenizer, setup.batch_sharding)
+        state = _initial_state(setup, ckpt, batches, workdir)
+        log = MetricsLog(workdir, config.train.steps, int(state.step), progress=progress)
+        n_params = state_lib.param_count(state.params)
+        reporter = Reporter(log, setup, n_params, config.train.log_every)
+        if int(state.step) == 0:
+            log.write(0, {"params": n_params, "flops_per_token": reporter.flops})
+        eval_step = setup.eval_step()
+
+        def run_eval(step: int, params: Any) -> dict[str, float]:
+            eval_batches = pipeline.eval_batches(config.data, tokenizer, setup.batch_sharding)
+            return log.write(step, evaluate(eval_step, params, eval_batches, config.eval.steps),
+                             prefix="eval/")
+
+        state, last_eval = _train_steps(setup, state, batches, ckpt, reporter, run_eval, last)
+        ckpt.wait()
+        sample = None
+        if last == config.train.steps:
+            last_eval = last_eval or run_eval(int(state.step), state.params)
+            sample = _sample(setup, state.params, tokenizer)
+            if sample is not None:
+                log.text(int(state.step), "sample", sample)
+                if jax.process_index() == 0:
+                    print(f"\n--- sample after {int(state.step)} steps ---\n{sample}\n---",
+                          flush=True)
+        log.close()
+    ckpt.close()
+    return {**(last_eval or {}), "sample": sample}
+
+
+def _initial_state(setup: Setup, ckpt: Checkpointer, batches: pipeline.GlobalBatches,
+                   workdir: Path) -> state_lib.TrainState:
+    """The latest checkpoint (with the data iterator moved to where it was), else a new state."""
+    step = ckpt.latest_step()
+    if step is None:
+        if jax.process_index() == 0:
+            (workdir / "config.json").write_text(setup.config.to_json_best_effort(indent=2))
+        return state_lib.init(setup.model, setup.model_cfg, setup.tx, setup.state_shardings,
+                              setup.config.train.seed)
+    _check_resumable(ckpt.restore_config(step), setup.config, ckpt.path / str(step))
+    abstract = state_lib.abstract(setup.model, setup.model_cfg, setup.tx, setup.state_shardings)
+    return ckpt.restore_state(step, abstract, batches)
+
+
+def _train_steps(setup: Setup, state: state_lib.TrainState, batches: pipeline.GlobalBatches,
+                 ckpt: Checkpointer, reporter: "Reporter", run_eval, last: int):
+    """Steps from the state's step to `last`, with periodic eval and checkpoints."""
+    config = setup.config
+    train_step = setup.train_step()
+    last_eval = None
+    for step in range(int(state.step) + 1, last + 1):
+        try:
+            batch = next(batches)
+        except StopIteration:
+            raise DataError(f"the training data ran out at step {step} (data.num_epochs="
+                            f"{config.data.num_epochs}); raise it or set 0 to repeat") from None
+        with jax.transfer_guard("disallow"):
+            state, metrics = train_step(state, batch)
+        reporter.dispatched(step, metrics)
+        final = step in (last, config.train.steps)
+        eval_due = final or (config.eval.every and step % config.eval.every == 0)
+        ckpt_due = final or (config.ckpt.every and step % config.ckpt.every == 0)
+        if eval_due or ckpt_due:
+            reporter.flush(force=final)
+            last_eval = run_eval(step, state.params) if eval_due else None
+            if ckpt_due:
+                ckpt.save(step, state, config=config.to_dict(),
+                          data_iterator=batches,
+                          eval_loss=last_eval["loss"] if last_eval else None)
+            reporter.restart_clock(step)
+    reporter.flush(force=True)
+    return state, last_eval
+
+
+class Reporter:
+    """Logs step metrics one step late, so the host never waits on the device it just fed.
+
+    Throughput covers the steps since the last report; intervals holding compilation, eval or
+    checkpointing are left out.
+    """
+
+    def __init__(self, log: MetricsLog, setup: Setup, n_params: int, every: int):
+        config = setup.config
+        self.log, self.every = log, every
+        self.tokens_per_step = config.data.batch_size * config.data.seq_len
+        self.flops = model_lib.flops_per_token(setup.model_cfg, n_params, config.data.seq_len)
+        self.peak = peak_tflops(config.train.peak_tflops)
+        self.pending: tuple[int, Any] | None = None
+        self.clock: tuple[float, int] | None = None   # None until the step has compiled
+
+    def dispatched(self, step: int, metrics: Any) -> None:
+        """Called right after step `step` was dispatched: reports the step before it."""
+        self.flush()
+        self.pending = (step, metrics)
+
+    def flush(self, force: bool = False) -> None:
+        if self.pending is None:
+            return
+        step, metrics = self.pending
+        self.pending = None
+        if step % self.every and not force:
+            return
+        record = dict(jax.device_get(metrics))
+        now = time.perf_counter()
+        if self.clock is not None and step > self.clock[1]:
+            record.update(throughput((now - self.clock[0]) / (step - self.clock[1]),
+                                     self.tokens_per_step, self.flops, self.peak))
+        self.log.write(step, record)
+        self.log.advance(step, float(record["loss"]))
+        self.clock = (now, step)
+
+    def restart_clock(self, step: int) -> None:
+        self.clock = (time.perf_counter(), step)
+
+
+def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
+    """The records of `<workdir>/metrics.jsonl`."""
+    path = Path(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

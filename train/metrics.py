@@ -1,0 +1,93 @@
+"""Run metrics to three places: the console (with a progress bar), TensorBoard event files and
+`<workdir>/metrics.jsonl` (one JSON object per record, always with `step`)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import tqdm
+from tensorboardX import SummaryWriter
+
+# Dense bf16 peak TFLOP/s per chip (datasheet), matched against jax's device_kind.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10G": 70.0,
+               "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
+               "TPU v5": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0}
+
+
+def peak_tflops(configured: float = 0.0) -> float | None:
+    """Per-device peak: the configured figure, else a known accelerator's, else None (CPU)."""
+    if configured:
+        return configured
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
+
+
+def throughput(step_seconds: float, tokens_per_step: int, flops_per_token: float,
+               peak: float | None) -> dict[str, float]:
+    """tokens/s, model TFLOP/s (all devices) and MFU (model FLOPs over all devices' peak)."""
+    tflops = flops_per_token * tokens_per_step / step_seconds / 1e12
+    out = {"step_time": step_seconds, "tokens_per_s": tokens_per_step / step_seconds,
+           "model_tflops": tflops}
+    if peak:
+        out["mfu"] = tflops / (peak * jax.device_count())
+    return out
+
+
+def _plain(value: Any) -> Any:
+    value = np.asarray(value).item() if hasattr(value, "shape") or isinstance(value, np.generic) \
+        else value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class MetricsLog:
+    """Writes records on process 0 only; every process may call it."""
+
+    def __init__(self, workdir: str | os.PathLike, total_steps: int, initial_step: int = 0,
+                 progress: bool = True):
+        self.active = jax.process_index() == 0
+        if not self.active:
+            return
+        workdir = Path(workdir)
+        self.jsonl = open(workdir / "metrics.jsonl", "a", buffering=1)
+        self.tb = SummaryWriter(str(workdir / "tensorboard"))
+        self.bar = tqdm.tqdm(total=total_steps, initial=initial_step, disable=not progress,
+                             dynamic_ncols=True, desc="train")
+
+    def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        """Records `metrics` at `step`; keys are prefixed (e.g. "eval/") in TensorBoard."""
+        record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        if not self.active:
+            return record
+        if prefix:
+            record = {"step": record.pop("step"), "split": prefix.rstrip("/"), **record}
+        self.jsonl.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and k != "step":
+                self.tb.add_scalar(prefix + k, v, step)
+        shown = {k: v for k, v in record.items() if isinstance(v, float)}
+        line = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+        self.bar.write(f"[{prefix or 'train/'}step {step}] {line}")
+        return record
+
+    def advance(self, step: int, loss: float | None = None) -> None:
+        if self.active:
+            self.bar.n = step
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            self.bar.refresh()
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        if self.active:
+            self.tb.add_text(tag, text, step)
+            self.jsonl.write(json.dumps({"step": int(step), tag: text}) + "\n")
+
+    def close(self) -> None:
+        if self.active:
+            self.bar.close()
+            self.tb.close()
+            self.jsonl.close()
