@@ -1,7 +1,20 @@
 """Training objectives: batch + model -> summed loss, summed weight and summed metrics.
 
 Objectives return sums, not means, so micro-batches (gradient accumulation) and shards combine
-exactly: the step divides by the total weight of the whole global batch once.
+exactly: the step divides by the total weight of the whole global batch once. Every objective is
+`objective(model, params, batch, *, rng, train, z_loss) -> (total_loss_sum, sums)` where `sums`
+holds at least "loss" (summed main loss) and "weight" (what it is averaged over).
+
+Batch layouts (data/pipeline.py produces them; int32 unless noted, B rows):
+  clm              inputs, targets, positions, segment_ids [B,T]; weights [B,T] float32
+  mlm, electra     inputs (masked), targets (original ids), positions, segment_ids, type_ids
+                   (0 = first sentence, 1 = second) [B,T]; weights [B,T] float32 (1 where the
+                   token was selected for prediction); with sentence pairs also pair_labels [B]
+                   (1 = true next / right order) and pair_weights [B] float32
+  span_corruption, encoder_inputs, encoder_positions, encoder_segment_ids [B,T];
+  prefix_lm        decoder_inputs, decoder_targets, decoder_positions, decoder_segment_ids [B,S];
+                   decoder_weights [B,S] float32
+segment_ids are 1, 2, ... per packed example and 0 for padding, in every layout.
 """
 from __future__ import annotations
 

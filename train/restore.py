@@ -1,0 +1,79 @@
+"""A trained run, restored for evaluation, decoding or export onto whatever devices are present.
+
+The checkpoint's own resolved config rebuilds the model; the mesh is chosen here (default: every
+device on the data axis), so a run trained on 8 devices restores onto 1 and vice versa.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import jax
+from ml_collections import ConfigDict
+
+from data.pipeline import TOKENIZER_FILE
+from data.tokenizer import Tokenizer
+from train.checkpoint import Checkpointer, CheckpointError
+from train.loop import Setup, build
+
+
+@dataclasses.dataclass
+class Restored:
+    setup: Setup            # model, mesh, shardings for the current devices
+    params: Any             # sharded on setup.mesh
+    tokenizer: Tokenizer
+    step: int
+    workdir: Path
+
+    @property
+    def config(self) -> ConfigDict:
+        return self.setup.config
+
+
+def saved_config(workdir: str | Path, step: str | int = "latest") -> tuple[ConfigDict, int]:
+    """The resolved config a checkpoint was saved with, and the step it resolved to."""
+    ckpt = Checkpointer(workdir, read_only=True)
+    resolved = ckpt.resolve(step)
+    return ConfigDict(ckpt.restore_config(resolved)), resolved
+
+
+def restore(workdir: str | Path, step: str | int = "latest", *,
+            overrides: Mapping[str, Any] | None = None,
+            devices: Sequence[jax.Device] | None = None) -> Restored:
+    """Params of `workdir` at `step` ('latest', 'best' or a number) on a mesh over `devices`.
+
+    `overrides` maps dotted config keys to values (e.g. {"mesh.tensor": 2, "data.batch_size":
+    8}); model keys cannot change, since they define the parameters.
+    """
+    workdir = Path(workdir).expanduser()
+    config, resolved = saved_config(workdir, step)
+    config.mesh.update(data=-1, fsdp=1, tensor=1)
+    for key, value in (overrides or {}).items():
+        if key.startswith("model."):
+            raise CheckpointError(f"{key} cannot be changed when restoring: the checkpoint's "
+                                  "parameters define the model")
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    tokenizer_path = workdir / TOKENIZER_FILE
+    if not tokenizer_path.is_file():
+        raise CheckpointError(f"{tokenizer_path} is missing; a run directory keeps its "
+                              "vocabulary there")
+    tokenizer = Tokenizer.load(tokenizer_path)
+    setup = build(config, devices)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            _param_shapes(setup), setup.state_shardings.params)
+    params = Checkpointer(workdir, read_only=True).restore_params(resolved, abstract)
+    return Restored(setup=setup, params=params, tokenizer=tokenizer, step=resolved,
+                    workdir=workdir)
+
+
+def _param_shapes(setup: Setup) -> Any:
+    from model.sharding import activate
+    from train import state as state_lib
+    with activate(setup.mesh, setup.rules):
+        return jax.eval_shape(lambda: state_lib.init(
+            setup.model, setup.model_cfg, setup.tx, setup.state_shardings, 0)).params
