@@ -6,7 +6,10 @@ from configs.base import get_config as base
 
 def get_config():
     c = base()
-    c.model.update(vocab_size=8192, d_model=256, n_heads=4, n_layers=4, d_ff=704, max_len=256)
+    # On a CPU, float32 and unrolled layers are Loom's faster settings (XLA:CPU emulates bf16
+    # matmuls, and 4 unrolled layers skip the scan's per-layer slicing); override for accelerators.
+    c.model.update(vocab_size=8192, d_model=256, n_heads=4, n_layers=4, d_ff=704, max_len=256,
+                   dtype="float32", scan_layers=False)
     c.data.update(seq_len=256, batch_size=8)
     c.opt.update(lr=3e-4, weight_decay=0.1, clip_norm=0.0, warmup_steps=0, schedule="constant")
     return c

@@ -1,4 +1,5 @@
 """python -m train.benchmark --config configs/bench_tiny.py [--steps N] [--config.KEY=VALUE ...]
+   python -m train.benchmark --config configs/bench_tiny.py --reference shared/bench/reference_gpt.py
 
 Times Loom's compiled train step on synthetic tokens (no data pipeline, no tokenizer) and prints
 one JSON line per measurement: params, step time, tokens/s, model TFLOP/s, MFU against the device
@@ -8,7 +9,10 @@ peak, compile time and peak device memory. FLOPs count like ../shared/bench/refe
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
+import statistics
 import sys
 import time
 from typing import Any
@@ -21,7 +25,7 @@ import model as model_lib
 from model.sharding import activate
 from train import state as state_lib
 from train.cli import fail_cleanly, parse
-from train.config import validate
+from train.config import ConfigError, validate
 from train.metrics import peak_tflops, throughput
 
 
@@ -82,13 +86,58 @@ def measure(config: ConfigDict, steps: int, warmup: int = 2) -> dict[str, Any]:
     return out
 
 
+def _load_reference(path: str):
+    if not os.path.isfile(path):
+        raise ConfigError(f"--reference {path}: no such file (the independent reference GPT is "
+                          "shared/bench/reference_gpt.py)")
+    spec = importlib.util.spec_from_file_location("reference_gpt", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compare(config: ConfigDict, steps: int, reference_path: str, preset: str,
+            rounds: int) -> dict[str, Any]:
+    """Alternates Loom and the reference GPT `rounds` times in this process (so both see the
+    same machine state) and prints a summary line with median tokens/s and their ratio."""
+    ref = _load_reference(reference_path)
+    if preset not in ref.PRESETS:
+        raise ConfigError(f"--reference-preset {preset!r}: the reference knows {list(ref.PRESETS)}")
+    vocab, d, h, layers, ff, seq, batch = ref.PRESETS[preset]
+    m = config.model
+    ours = (m.vocab_size, m.d_model, m.n_heads, m.n_layers, m.d_ff, config.data.seq_len,
+            config.data.batch_size)
+    if ours != (vocab, d, h, layers, ff, seq, batch):
+        raise ConfigError(f"config shape {ours} differs from the reference preset {preset!r} "
+                          f"{ref.PRESETS[preset]} (vocab, d, heads, layers, ff, seq, batch)")
+    impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    peak = peak_tflops(config.train.peak_tflops)
+    loom, reference = [], []
+    for _ in range(rounds):
+        loom.append(measure(ConfigDict(config.to_dict()), steps)["tok_per_s"])
+        reference.append(ref.measure(preset, impl, False, steps, batch, peak)["tok_per_s"])
+    summary = dict(summary=preset, rounds=rounds, loom_tok_per_s=statistics.median(loom),
+                   reference_tok_per_s=statistics.median(reference),
+                   ratio=round(statistics.median(loom) / statistics.median(reference), 3))
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m train.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up)")
+    parser.add_argument("--reference", metavar="PATH",
+                        help="also time this reference_gpt.py, alternating with Loom")
+    parser.add_argument("--reference-preset", default="tiny",
+                        help="the reference preset of the same shape as --config")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations with --reference")
     with fail_cleanly():
         args, config = parse(parser, argv)
-        measure(config, args.steps)
+        if args.reference:
+            compare(config, args.steps, args.reference, args.reference_preset, args.rounds)
+        else:
+            measure(config, args.steps)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import sys
 from typing import Iterator, Sequence
 
@@ -27,11 +28,20 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
     parser.epilog = ("config overrides (--config.KEY=VALUE; defaults of configs/base.py):\n"
                      + help_table(base_config()))
     args, rest = parser.parse_known_args(argv)
+    quiet_libraries()
     if not args.config:
         if rest:
             raise ConfigError(f"{rest[0]!r} needs --config (or is not an option of this command)")
         return args, None
     return args, apply_overrides(load(args.config), rest)
+
+
+def quiet_libraries() -> None:
+    """Loom's own progress at INFO; tfds/orbax/absl chatter only when it is an error."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for name in ("model", "train", "data"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.ERROR)
 
 
 @contextlib.contextmanager
