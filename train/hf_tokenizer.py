@@ -1,0 +1,136 @@
+"""A Loom (sentencepiece) vocabulary as a Hugging Face tokenizer directory, and back.
+
+Export writes the sentencepiece model itself as `tokenizer.model` (what sentencepiece-based
+clients and Loom read) and the same vocabulary as a `tokenizers` pipeline in `tokenizer.json`
+(what `AutoTokenizer` and non-Python servers read), built from the model proto so it encodes
+text to the same ids: the whole text is normalised the way sentencepiece does it (dummy "▁"
+prefix, spaces to "▁", the model's precompiled character map) before the model runs, so a text
+that starts with a space or a newline keeps its prefix piece. The one known difference: unigram
+segmentations that tie in score (runs of whitespace-only pieces, in another order) may be
+resolved differently, since the two implementations sum scores in different precisions.
+
+`tokenizer_config.json` names `PreTrainedTokenizerFast`, which loads `tokenizer.json` as it is:
+from transformers 5 on, `LlamaTokenizer` rebuilds every vocabulary as BPE, which would silently
+break Loom's default unigram vocabularies.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from data.pipeline import TOKENIZER_FILE
+from data.sources import DataError
+from data.tokenizer import BOS, EOS, PAD, UNK, Tokenizer
+from train.checkpoint import CheckpointError
+
+TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+
+# sentencepiece ModelProto.SentencePiece.Type and TrainerSpec.ModelType values
+_UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
+_UNIGRAM, _BPE = 1, 2
+
+
+def _proto(tokenizer: Tokenizer) -> Any:
+    from sentencepiece import sentencepiece_model_pb2
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tokenizer.model_proto)
+    return proto
+
+
+def _bpe_merges(pieces: list[Any], ids: dict[str, int]) -> list[tuple[str, str]]:
+    """Every split of a normal piece into two known pieces, by the merged piece's rank
+    (sentencepiece BPE merges the pair whose result scores highest, and ranks are scores)."""
+    ranked = []
+    for merged, rank in ids.items():
+        if pieces[rank].type != 1:
+            continue
+        for cut in range(1, len(merged)):
+            left, right = merged[:cut], merged[cut:]
+            if left in ids and right in ids:
+                ranked.append((rank, ids[left], ids[right], left, right))
+    return [(left, right) for *_, left, right in sorted(ranked)]
+
+
+def fast_tokenizer(tokenizer: Tokenizer) -> Any:
+    """The vocabulary as a `tokenizers.Tokenizer` that encodes like the sentencepiece model."""
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, processors
+    from tokenizers import Tokenizer as FastTokenizer
+    proto = _proto(tokenizer)
+    pieces = list(proto.pieces)
+    ids = {p.piece: i for i, p in enumerate(pieces)}
+    byte_fallback = proto.trainer_spec.byte_fallback
+    added = []
+    if proto.trainer_spec.model_type == _UNIGRAM:
+        model = models.Unigram([(p.piece, p.score) for p in pieces],
+                               unk_id=proto.trainer_spec.unk_id, byte_fallback=byte_fallback)
+        # user-defined pieces score 0, above every learned piece, so the lattice keeps them whole
+    elif proto.trainer_spec.model_type == _BPE:
+        model = models.BPE(ids, _bpe_merges(pieces, ids), unk_token=pieces[UNK].piece,
+                           fuse_unk=True, byte_fallback=byte_fallback)
+        # BPE cannot build multi-character user-defined pieces from merges: match them first
+        added = [AddedToken(p.piece, special=False, normalized=False) for p in pieces
+                 if p.type == _USER_DEFINED and len(p.piece) > 1]
+    else:
+        raise CheckpointError(f"tokenizer {tokenizer.source}: sentencepiece model type "
+                              f"{proto.trainer_spec.model_type} has no Hugging Face equivalent; "
+                              "export needs a unigram or bpe vocabulary")
+    spec = proto.normalizer_spec
+    steps = []
+    if spec.precompiled_charsmap:
+        steps.append(normalizers.Precompiled(spec.precompiled_charsmap))
+    if spec.remove_extra_whitespaces:
+        steps += [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(" {2,}"), " ")]
+    if spec.add_dummy_prefix:
+        steps.append(normalizers.Prepend("▁"))
+    steps.append(normalizers.Replace(" ", "▁"))
+    fast = FastTokenizer(model)
+    fast.normalizer = normalizers.Sequence(steps)
+    strip = [decoders.Strip(content=" ", left=1, right=0)] if spec.add_dummy_prefix else []
+    fast.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                      decoders.Fuse(), *strip])
+    fast.add_special_tokens([AddedToken(p.piece, special=True, normalized=False)
+                             for p in pieces if p.type in (_UNKNOWN, _CONTROL)])
+    fast.add_tokens(added)
+    bos = pieces[BOS].piece
+    fast.post_processor = processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, BOS)])
+    return fast
+
+
+def write(tokenizer: Tokenizer, out: Path, max_len: int) -> None:
+    """tokenizer.model, tokenizer.json, tokenizer_config.json and special_tokens_map.json.
+
+    Encoding adds BOS and not EOS, as Loom's documents and prompts start with BOS.
+    """
+    try:
+        fast = fast_tokenizer(tokenizer)
+    except ImportError:
+        raise CheckpointError("exporting a tokenizer needs the `tokenizers` package: "
+                              "pip install -e '.[hf]'") from None
+    pieces = _proto(tokenizer).pieces
+    tokenizer.save(out / TOKENIZER_FILE)
+    fast.save(str(out / TOKENIZER_JSON))
+    names = {f"{role}_token": pieces[i].piece
+             for role, i in (("bos", BOS), ("eos", EOS), ("unk", UNK), ("pad", PAD))}
+    (out / SPECIAL_TOKENS_MAP).write_text(json.dumps(names, indent=2))
+    config = dict(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=True,
+                  add_eos_token=False, clean_up_tokenization_spaces=False,
+                  model_max_length=max_len, **names)
+    (out / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def read(hf_dir: Path) -> Tokenizer:
+    """The sentencepiece vocabulary of a Hugging Face directory (its `tokenizer.model`)."""
+    path = hf_dir / TOKENIZER_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{hf_dir} has no {TOKENIZER_FILE}: Loom trains and reads sentencepiece vocabularies "
+            "only, so import needs the checkpoint's sentencepiece model (byte-level BPE "
+            "vocabularies such as GPT-2's vocab.json/merges.txt cannot be used)")
+    try:
+        return Tokenizer.load(path)
+    except DataError:
+        raise CheckpointError(f"{path} is not a sentencepiece model") from None
