@@ -1,13 +1,14 @@
 """Loom checkpoints <-> Hugging Face model directories (safetensors + config.json + tokenizer).
 
     python -m train.export to-hf --workdir runs/q --out runs/q-hf [--step latest|best|N]
-        [--layout llama|gpt2]
+        [--layout llama|gpt2|bert]
     python -m train.export from-hf --hf runs/q-hf --workdir runs/q2 [--config FILE]
         [--config.KEY=VALUE ...]
 
-`to-hf` writes what `transformers` loads offline (`AutoModelForCausalLM.from_pretrained(out)`,
-`AutoTokenizer.from_pretrained(out)`). The layout is the one the model's shape fits (see
-train/hf_decoder.py), or an error naming the model option that does not map. `from-hf` turns
+`to-hf` writes what `transformers` loads offline (`AutoModelForCausalLM.from_pretrained(out)`
+or, for an encoder, `BertForPreTraining`; `AutoTokenizer.from_pretrained(out)`). The layout is
+the one the model's shape fits (train/hf_decoder.py: Llama, GPT-2; train/hf_bert.py: BERT), or
+an error naming the model option that does not map. `from-hf` turns
 such a directory into a Loom run: the checkpoint's params as step 0 of an Orbax checkpoint with
 a fresh optimizer state, its sentencepiece vocabulary as the run's `tokenizer.model`, and the
 run's config (`config.json`, and `config.py` to train with: `python -m train --config
@@ -31,13 +32,13 @@ from data.pipeline import TOKENIZER_FILE
 from data.tokenizer import BOS, EOS, PAD, Tokenizer
 from model.config import ModelConfig, ModelConfigError
 from model.sharding import activate
-from train import hf_decoder, hf_tokenizer
+from train import hf_bert, hf_decoder, hf_tokenizer
 from train import state as state_lib
 from train.checkpoint import Checkpointer, CheckpointError
 from train.config import ConfigError, validate
 from train.hf_layout import Layout, flat_unrolled, nest, to_hf, to_loom
 
-LAYOUTS = {layout.name: layout for layout in (hf_decoder.LLAMA, hf_decoder.GPT2)}
+LAYOUTS = {layout.name: layout for layout in (hf_decoder.LLAMA, hf_decoder.GPT2, hf_bert.BERT)}
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 HF_CONFIG = "config.json"
@@ -83,7 +84,7 @@ def write_hf(out: str | Path, params: Any, cfg: ModelConfig, tokenizer: Tokenize
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"--out {out} exists and is not empty; choose a new directory")
     layout.check(cfg)
-    tensors = to_hf(layout, flat_unrolled(jax.device_get(params), cfg), cfg)
+    tensors = to_hf(layout, flat_unrolled(jax.device_get(params), cfg, layout.stacks), cfg)
     staging = out.parent / f".{out.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -91,7 +92,7 @@ def write_hf(out: str | Path, params: Any, cfg: ModelConfig, tokenizer: Tokenize
     (staging / HF_CONFIG).write_text(json.dumps(layout.hf_config(cfg), indent=2))
     (staging / GENERATION_CONFIG).write_text(json.dumps(
         dict(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD), indent=2))
-    hf_tokenizer.write(tokenizer, staging, cfg.max_len)
+    hf_tokenizer.write(tokenizer, staging, cfg.max_len, bert=layout is hf_bert.BERT)
     if out.exists():
         out.rmdir()
     staging.rename(out)
@@ -151,9 +152,10 @@ def read_hf_tensors(hf_dir: Path, layout: Layout) -> dict[str, Callable[[], np.n
     return loaders
 
 
-def _unrolled_shapes(abstract_params: Any, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+def _unrolled_shapes(abstract_params: Any, cfg: ModelConfig, layout: Layout
+                     ) -> dict[str, tuple[int, ...]]:
     flat = flat_unrolled(jax.tree.map(lambda s: np.broadcast_to(np.zeros((), np.int8), s.shape),
-                                      abstract_params), cfg)
+                                      abstract_params), cfg, layout.stacks)
     return {path: x.shape for path, x in flat.items()}
 
 
@@ -173,6 +175,9 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, config: ConfigDict | None
 
     config = ConfigDict((config or base_config()).to_dict())
     config.model.update(layout.model_keys(hf_config), family=layout.family)
+    config.train.objective = layout.objective
+    if layout.family != "decoder":
+        config.eval.sample_prompt = ""    # only decoders print a text sample
     config.data.tokenizer.path = ""  # the run's own tokenizer.model: the checkpoint's vocabulary
     validate(config)
     if tokenizer.vocab_size > config.model.vocab_size:
@@ -182,9 +187,11 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, config: ConfigDict | None
     setup = build(config, jax.devices("cpu")[:1])
     cfg = setup.model_cfg
     abstract = state_lib.abstract(setup.model, cfg, setup.tx, setup.state_shardings)
-    flat = to_loom(layout, loaders, cfg, _unrolled_shapes(abstract.params, cfg), cfg.weights_dtype)
+    flat = to_loom(layout, loaders, cfg, _unrolled_shapes(abstract.params, cfg, layout),
+                   cfg.weights_dtype)
     with activate(setup.mesh, setup.rules):
-        state = state_lib.from_params(nest(flat, cfg), setup.tx, setup.state_shardings,
+        state = state_lib.from_params(nest(flat, cfg, layout.stacks), setup.tx,
+                                      setup.state_shardings,
                                       config.train.seed)
 
     workdir.mkdir(parents=True, exist_ok=True)

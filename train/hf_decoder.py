@@ -12,27 +12,10 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from data.tokenizer import BOS, EOS, PAD
-from model.config import ModelConfig, ModelConfigError
+from model.config import ModelConfig
 from train.checkpoint import CheckpointError
-from train.hf_layout import Layout, Tensor, columns, linear, same, unstacked
-
-
-def require(cfg: ModelConfig, layout: str, needs: Mapping[str, Any], hint: str) -> None:
-    """ModelConfigError naming the first model option whose value `layout` cannot express."""
-    if cfg.family != "decoder":
-        raise ModelConfigError(f"model.family={cfg.family!r} cannot be exported to the {layout} "
-                               "layout, which is a decoder-only language model")
-    for key, want in needs.items():
-        if getattr(cfg, key) != want:
-            raise ModelConfigError(f"model.{key}={getattr(cfg, key)!r} has no equivalent in the "
-                                   f"Hugging Face {layout} layout, which needs model.{key}="
-                                   f"{want!r}{hint}")
-
-
-def unsupported(hf: Mapping[str, Any], key: str, value: Any, default: Any = None) -> None:
-    if hf.get(key, default) != value:
-        raise CheckpointError(f"config.json has {key}={hf.get(key, default)!r}; Loom's model "
-                              f"supports only {key}={value!r}")
+from train.hf_layout import Layout, Tensor, columns, linear, require, require_plain_heads, \
+    same, unstacked, unsupported
 
 
 def _tokens(cfg: ModelConfig) -> dict[str, Any]:
@@ -44,7 +27,8 @@ def _tokens(cfg: ModelConfig) -> dict[str, Any]:
 # ---- Llama ----
 
 def _llama_check(cfg: ModelConfig) -> None:
-    require(cfg, "llama", dict(norm="rmsnorm", mlp="swiglu", pos="rope", use_bias=False),
+    require(cfg, "llama", "decoder", dict(norm="rmsnorm", mlp="swiglu", pos="rope",
+                                          use_bias=False),
             " (a layernorm/gelu/learned-position model with biases fits --layout gpt2)")
 
 
@@ -100,7 +84,7 @@ def _llama_keys(hf: Mapping[str, Any]) -> dict[str, Any]:
 
 LLAMA = Layout(name="llama", model_type="llama", architecture="LlamaForCausalLM",
                family="decoder", check=_llama_check, tensors=_llama_tensors,
-               hf_config=_llama_config, model_keys=_llama_keys, prefix="model.",
+               hf_config=_llama_config, model_keys=_llama_keys, objective="clm", prefix="model.",
                ignored=r"rotary_emb\.inv_freq$|^lm_head\.weight$")
 
 
@@ -108,16 +92,9 @@ LLAMA = Layout(name="llama", model_type="llama", architecture="LlamaForCausalLM"
 
 def _gpt2_check(cfg: ModelConfig) -> None:
     hint = " (an rmsnorm/swiglu/rope model without biases fits --layout llama)"
-    require(cfg, "gpt2", dict(norm="layernorm", mlp="gelu", pos="learned", use_bias=True,
-                              tie_embeddings=True), hint)
-    if cfg.kv_heads != cfg.n_heads:
-        raise ModelConfigError(f"model.n_kv_heads={cfg.n_kv_heads} (grouped-query attention) has "
-                               "no equivalent in the Hugging Face gpt2 layout, which needs one KV "
-                               "head per query head (model.n_kv_heads=0)")
-    if cfg.head_size * cfg.n_heads != cfg.d_model:
-        raise ModelConfigError(f"model.head_dim={cfg.head_dim} has no equivalent in the Hugging "
-                               "Face gpt2 layout, whose head size is d_model / n_heads "
-                               "(model.head_dim=0)")
+    require(cfg, "gpt2", "decoder", dict(norm="layernorm", mlp="gelu", pos="learned",
+                                         use_bias=True, tie_embeddings=True), hint)
+    require_plain_heads(cfg, "gpt2")
 
 
 def _gpt2_tensors(cfg: ModelConfig) -> list[Tensor]:
@@ -172,5 +149,5 @@ def _gpt2_keys(hf: Mapping[str, Any]) -> dict[str, Any]:
 
 GPT2 = Layout(name="gpt2", model_type="gpt2", architecture="GPT2LMHeadModel", family="decoder",
               check=_gpt2_check, tensors=_gpt2_tensors, hf_config=_gpt2_config,
-              model_keys=_gpt2_keys, prefix="transformer.",
+              model_keys=_gpt2_keys, objective="clm", prefix="transformer.",
               ignored=r"\.attn\.(masked_)?bias$|^lm_head\.weight$")

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from flax import traverse_util
 
-from model.config import ModelConfig
+from model.config import ModelConfig, ModelConfigError
 from train.checkpoint import CheckpointError
 
 Shape = tuple[int, ...]
@@ -37,9 +37,15 @@ class Tensor:
 
 
 def same(loom: str, hf: str) -> Tensor:
-    """Stored the same way on both sides (norm scales, biases, embedding tables)."""
+    """Stored the same way on both sides (norm scales, embedding tables)."""
     return Tensor((loom,), (hf,), lambda xs: xs,
                   lambda ws, shapes: [w.reshape(s) for w, s in zip(ws, shapes)])
+
+
+def flat(loom: str, hf: str) -> Tensor:
+    """A Loom bias of any shape (a query bias is N x K) <-> a flat vector."""
+    return Tensor((loom,), (hf,), lambda xs: [xs[0].reshape(-1)],
+                  lambda ws, shapes: [ws[0].reshape(shapes[0])])
 
 
 def linear(loom: str, hf: str, in_axes: int = 1) -> Tensor:
@@ -80,10 +86,12 @@ class Layout:
     `check(cfg)` raises ModelConfigError naming the model option that does not map;
     `tensors(cfg)` is the conversion table; `hf_config(cfg)` is config.json;
     `model_keys(hf_config)` are the Loom `model.*` keys of a Hugging Face config (or a
-    CheckpointError naming the setting Loom lacks). `prefix` is the base model's prefix of
-    tensor names (`model.`), which checkpoints saved from the base model lack. `ignored`
-    matches Hugging Face tensors that are buffers, not parameters (precomputed masks and
-    frequencies) or a tied output layer stored twice, skipped on import.
+    CheckpointError naming the setting Loom lacks); `objective` is the Loom objective that
+    trains it. `stacks` are the Loom param paths of scanned layer stacks. `prefix` is the base
+    model's prefix of tensor names (`model.`), which checkpoints saved from the base model lack,
+    `heads` the prefixes of tensors outside it, `renames` regex substitutions from older names.
+    `ignored` matches Hugging Face tensors that are buffers, not parameters (precomputed masks
+    and frequencies) or a tied output layer stored twice, skipped on import.
     """
     name: str
     model_type: str
@@ -93,25 +101,65 @@ class Layout:
     tensors: Callable[[ModelConfig], list[Tensor]]
     hf_config: Callable[[ModelConfig], dict[str, Any]]
     model_keys: Callable[[Mapping[str, Any]], dict[str, Any]]
+    objective: str
+    stacks: tuple[str, ...] = ("layers",)
     prefix: str = ""
+    heads: tuple[str, ...] = ("lm_head.",)
+    renames: tuple[tuple[str, str], ...] = ()
     ignored: str = r"$^"
 
     def canonical(self, name: str) -> str:
         """A tensor name as the task model (`...ForCausalLM`) stores it."""
-        if not self.prefix or name.startswith((self.prefix, "lm_head.")):
+        for pattern, replacement in self.renames:
+            name = re.sub(pattern, replacement, name)
+        if not self.prefix or name.startswith((self.prefix, *self.heads)):
             return name
         return self.prefix + name
 
 
+def require(cfg: ModelConfig, layout: str, family: str, needs: Mapping[str, Any],
+            hint: str = "") -> None:
+    """ModelConfigError naming the first model option whose value `layout` cannot express."""
+    if cfg.family != family:
+        raise ModelConfigError(f"model.family={cfg.family!r} cannot be exported to the {layout} "
+                               f"layout, which holds a model.family={family!r} model")
+    for key, want in needs.items():
+        if getattr(cfg, key) != want:
+            raise ModelConfigError(f"model.{key}={getattr(cfg, key)!r} has no equivalent in the "
+                                   f"Hugging Face {layout} layout, which needs model.{key}="
+                                   f"{want!r}{hint}")
+
+
+def require_plain_heads(cfg: ModelConfig, layout: str) -> None:
+    """GPT-2 and BERT: one KV head per query head, head size d_model / n_heads."""
+    if cfg.kv_heads != cfg.n_heads:
+        raise ModelConfigError(f"model.n_kv_heads={cfg.n_kv_heads} (grouped-query attention) has "
+                               f"no equivalent in the Hugging Face {layout} layout, which needs "
+                               "one KV head per query head (model.n_kv_heads=0)")
+    if cfg.head_size * cfg.n_heads != cfg.d_model:
+        raise ModelConfigError(f"model.head_dim={cfg.head_dim} has no equivalent in the Hugging "
+                               f"Face {layout} layout, whose head size is d_model / n_heads "
+                               "(model.head_dim=0)")
+
+
+def unsupported(hf: Mapping[str, Any], key: str, value: Any, default: Any = None) -> None:
+    """CheckpointError if config.json sets `key` (default `default`) to other than `value`."""
+    if hf.get(key, default) != value:
+        raise CheckpointError(f"config.json has {key}={hf.get(key, default)!r}; Loom's model "
+                              f"supports only {key}={value!r}")
+
+
 def flat_unrolled(params: Mapping[str, Any], cfg: ModelConfig,
                   stacks: Sequence[str] = ("layers",)) -> dict[str, np.ndarray]:
-    """{"layers_3/attn/query/kernel": array, ...}: scanned stacks split into their layers."""
+    """{"layers_3/attn/query/kernel": array, ...}: scanned stacks (param paths such as
+    "layers" or "encoder/layers") split into their layers."""
     out = {}
     for path, x in traverse_util.flatten_dict(params, sep="/").items():
-        head, _, rest = path.partition("/")
         x = np.asarray(x)
-        if cfg.scan_layers and head in stacks:
-            out.update({f"{head}_{i}/{rest}": x[i] for i in range(x.shape[0])})
+        stack = next((s for s in stacks if path.startswith(s + "/")), None)
+        if cfg.scan_layers and stack is not None:
+            rest = path[len(stack) + 1:]
+            out.update({f"{stack}_{i}/{rest}": x[i] for i in range(x.shape[0])})
         else:
             out[path] = x
     return out

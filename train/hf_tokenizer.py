@@ -5,9 +5,13 @@ clients and Loom read) and the same vocabulary as a `tokenizers` pipeline in `to
 (what `AutoTokenizer` and non-Python servers read), built from the model proto so it encodes
 text to the same ids: the whole text is normalised the way sentencepiece does it (dummy "▁"
 prefix, spaces to "▁", the model's precompiled character map) before the model runs, so a text
-that starts with a space or a newline keeps its prefix piece. The one known difference: unigram
+that starts with a space or a newline keeps its prefix piece. Known differences: unigram
 segmentations that tie in score (runs of whitespace-only pieces, in another order) may be
-resolved differently, since the two implementations sum scores in different precisions.
+resolved differently, since the two implementations sum scores in different precisions; with
+a BPE vocabulary, text right after a literal multi-character special piece ("[MASK]") gets a
+"▁" of its own. For BERT, where "[MASK]" in text is the point, [CLS]/[SEP]/[MASK] are split off
+first and the dummy prefix comes from a `Metaspace` pre-tokenizer instead, which gets special
+pieces inside a text right but not the "▁" of a text that starts with a space or one of them.
 
 `tokenizer_config.json` names `PreTrainedTokenizerFast`, which loads `tokenizer.json` as it is:
 from transformers 5 on, `LlamaTokenizer` rebuilds every vocabulary as BPE, which would silently
@@ -31,6 +35,7 @@ SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 # sentencepiece ModelProto.SentencePiece.Type and TrainerSpec.ModelType values
 _UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
 _UNIGRAM, _BPE = 1, 2
+BERT_PIECES = ("[CLS]", "[SEP]", "[MASK]")
 
 
 def _proto(tokenizer: Tokenizer) -> Any:
@@ -54,9 +59,11 @@ def _bpe_merges(pieces: list[Any], ids: dict[str, int]) -> list[tuple[str, str]]
     return [(left, right) for *_, left, right in sorted(ranked)]
 
 
-def fast_tokenizer(tokenizer: Tokenizer) -> Any:
-    """The vocabulary as a `tokenizers.Tokenizer` that encodes like the sentencepiece model."""
-    from tokenizers import AddedToken, Regex, decoders, models, normalizers, processors
+def fast_tokenizer(tokenizer: Tokenizer, bert: bool = False) -> Any:
+    """The vocabulary as a `tokenizers.Tokenizer` that encodes like the sentencepiece model,
+    adding BOS in front (decoders) or BERT's [CLS] A [SEP] (B [SEP]) around the text."""
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, \
+        processors
     from tokenizers import Tokenizer as FastTokenizer
     proto = _proto(tokenizer)
     pieces = list(proto.pieces)
@@ -83,30 +90,43 @@ def fast_tokenizer(tokenizer: Tokenizer) -> Any:
         steps.append(normalizers.Precompiled(spec.precompiled_charsmap))
     if spec.remove_extra_whitespaces:
         steps += [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(" {2,}"), " ")]
-    if spec.add_dummy_prefix:
-        steps.append(normalizers.Prepend("▁"))
-    steps.append(normalizers.Replace(" ", "▁"))
     fast = FastTokenizer(model)
+    if bert:   # "[MASK]" in text is split off first; only the text's first piece gets the "▁"
+        fast.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="▁", prepend_scheme="first" if spec.add_dummy_prefix else "never",
+            split=False)
+    else:
+        steps += [normalizers.Prepend("▁")] * spec.add_dummy_prefix
+        steps.append(normalizers.Replace(" ", "▁"))
     fast.normalizer = normalizers.Sequence(steps)
     strip = [decoders.Strip(content=" ", left=1, right=0)] if spec.add_dummy_prefix else []
     fast.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
                                       decoders.Fuse(), *strip])
-    fast.add_special_tokens([AddedToken(p.piece, special=True, normalized=False)
-                             for p in pieces if p.type in (_UNKNOWN, _CONTROL)])
-    fast.add_tokens(added)
-    bos = pieces[BOS].piece
-    fast.post_processor = processors.TemplateProcessing(
-        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, BOS)])
+    specials = [p.piece for p in pieces if p.type in (_UNKNOWN, _CONTROL)]
+    specials += list(BERT_PIECES) * bert
+    fast.add_special_tokens([AddedToken(p, special=True, normalized=False) for p in specials])
+    fast.add_tokens([token for token in added if token.content not in specials])
+    if bert:
+        cls, sep = (tokenizer.piece_id(p) for p in ("[CLS]", "[SEP]"))
+        fast.post_processor = processors.TemplateProcessing(
+            single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    else:
+        bos = pieces[BOS].piece
+        fast.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+            special_tokens=[(bos, BOS)])
     return fast
 
 
-def write(tokenizer: Tokenizer, out: Path, max_len: int) -> None:
+def write(tokenizer: Tokenizer, out: Path, max_len: int, bert: bool = False) -> None:
     """tokenizer.model, tokenizer.json, tokenizer_config.json and special_tokens_map.json.
 
-    Encoding adds BOS and not EOS, as Loom's documents and prompts start with BOS.
+    Encoding adds BOS and not EOS, as Loom's documents and prompts start with BOS; with `bert`,
+    [CLS] and [SEP] as BERT's inputs have them.
     """
     try:
-        fast = fast_tokenizer(tokenizer)
+        fast = fast_tokenizer(tokenizer, bert)
     except ImportError:
         raise CheckpointError("exporting a tokenizer needs the `tokenizers` package: "
                               "pip install -e '.[hf]'") from None
@@ -115,10 +135,14 @@ def write(tokenizer: Tokenizer, out: Path, max_len: int) -> None:
     fast.save(str(out / TOKENIZER_JSON))
     names = {f"{role}_token": pieces[i].piece
              for role, i in (("bos", BOS), ("eos", EOS), ("unk", UNK), ("pad", PAD))}
+    if bert:
+        names.update(zip(("cls_token", "sep_token", "mask_token"), BERT_PIECES))
     (out / SPECIAL_TOKENS_MAP).write_text(json.dumps(names, indent=2))
-    config = dict(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=True,
+    config = dict(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=not bert,
                   add_eos_token=False, clean_up_tokenization_spaces=False,
                   model_max_length=max_len, **names)
+    if bert:
+        config["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
     (out / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2))
 
 
