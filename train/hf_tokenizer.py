@@ -89,7 +89,8 @@ def fast_tokenizer(tokenizer: Tokenizer, bert: bool = False) -> Any:
     if spec.precompiled_charsmap:
         steps.append(normalizers.Precompiled(spec.precompiled_charsmap))
     if spec.remove_extra_whitespaces:
-        steps += [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(" {2,}"), " ")]
+        steps += [normalizers.Strip(left=True, right=True),
+                  normalizers.Replace(Regex(" {2,}"), " ")]
     fast = FastTokenizer(model)
     if bert:   # "[MASK]" in text is split off first; only the text's first piece gets the "▁"
         fast.pre_tokenizer = pre_tokenizers.Metaspace(
@@ -140,9 +141,9 @@ def write(tokenizer: Tokenizer, out: Path, max_len: int, bert: bool = False) -> 
     (out / SPECIAL_TOKENS_MAP).write_text(json.dumps(names, indent=2))
     config = dict(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=not bert,
                   add_eos_token=False, clean_up_tokenization_spaces=False,
-                  model_max_length=max_len, **names)
-    if bert:
-        config["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
+                  model_max_length=max_len, **names,
+                  model_input_names=["input_ids", "token_type_ids", "attention_mask"] if bert
+                  else ["input_ids", "attention_mask"])
     (out / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2))
 
 
