@@ -3,6 +3,7 @@ exported files and Loom computes transformers' logits from its checkpoints, the 
 tokenizer encodes like Loom's, a round trip gives back the same params, training continues from
 an imported model, and bad input fails in one line. Nothing is downloaded: the Hugging Face
 models are built from config objects here."""
+import io
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -12,6 +13,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import sentencepiece as spm  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
@@ -23,6 +25,7 @@ from data.tokenizer import BOS, Tokenizer  # noqa: E402
 from model.config import ModelConfig, ModelConfigError  # noqa: E402
 from model.layers import rope  # noqa: E402
 from train import export, hf_tokenizer  # noqa: E402
+from train.checkpoint import CheckpointError  # noqa: E402
 from train.config import load  # noqa: E402
 from train.hf_layout import flat_unrolled  # noqa: E402
 from train.loop import read_metrics, train  # noqa: E402
@@ -178,17 +181,33 @@ def tokenizer_texts(config) -> list[str]:
         "digits 12345, ünïcödé 漢字 🙂", "a [MASK] b <extra_id_3>\nc", "x▁y"]
 
 
-@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+def nfkc_vocabulary(texts, user_defined=()) -> Tokenizer:
+    """A sentencepiece model as other tools train them: NFKC, whitespace squeezed."""
+    writer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([line for t in texts for line in t.split("\n") if line.strip()]),
+        model_writer=writer, vocab_size=400, normalization_rule_name="nmt_nfkc",
+        remove_extra_whitespaces=True, byte_fallback=True, pad_id=0, unk_id=1, bos_id=2,
+        eos_id=3, user_defined_symbols=list(user_defined), minloglevel=2, num_threads=1)
+    return Tokenizer(writer.getvalue())
+
+
+@pytest.mark.parametrize("model_type", ["unigram", "bpe", "unigram-nfkc"])
 def test_exported_tokenizer_encodes_like_loom(model_type, config, tmp_path):
     texts = tokenizer_texts(config)
     if model_type == "unigram":
         tok = Tokenizer.load(config.data.tokenizer.path)
-    else:
+    elif model_type == "bpe":
         tok = tokenizer_lib.train(texts, vocab_size=512, model_type="bpe", num_threads=1)
+    else:
+        tok = nfkc_vocabulary(texts + ["ﬁ ligature ① ｆｕｌｌ  width"])
+        texts += ["ﬁ ligature ① ｆｕｌｌ  width  ", "  squeezed   spaces "]
+        with pytest.raises(CheckpointError, match="rewrites the user-defined pieces"):
+            hf_tokenizer.write(nfkc_vocabulary(texts, ["\n"]), tmp_path, max_len=64)
     hf_tokenizer.write(tok, tmp_path, max_len=1 << 20)
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert len(texts) > 10 and sum(map(len, texts)) > 50_000
-    scores = {i: p.score for i, p in enumerate(hf_tokenizer._proto(tok).pieces)}
+    scores = {i: p.score for i, p in enumerate(hf_tokenizer.sentencepiece_proto(tok).pieces)}
     exact = 0
     for text in texts:
         ids = tok.encode(text)
@@ -197,7 +216,7 @@ def test_exported_tokenizer_encodes_like_loom(model_type, config, tmp_path):
         theirs = hf_tok(text, add_special_tokens=False)["input_ids"]
         exact += theirs == ids
         if theirs != ids:   # only a tie: as many pieces, as likely, the same text
-            assert model_type == "unigram" and len(theirs) == len(ids), text[:80]
+            assert model_type.startswith("unigram") and len(theirs) == len(ids), text[:80]
             assert sum(map(scores.get, theirs)) == pytest.approx(sum(map(scores.get, ids)))
             assert hf_tok.decode(theirs) == text
         assert hf_tok(text)["input_ids"] == [BOS] + theirs

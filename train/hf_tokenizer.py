@@ -4,14 +4,18 @@ Export writes the sentencepiece model itself as `tokenizer.model` (what sentence
 clients and Loom read) and the same vocabulary as a `tokenizers` pipeline in `tokenizer.json`
 (what `AutoTokenizer` and non-Python servers read), built from the model proto so it encodes
 text to the same ids: the whole text is normalised the way sentencepiece does it (dummy "▁"
-prefix, spaces to "▁", the model's precompiled character map) before the model runs, so a text
-that starts with a space or a newline keeps its prefix piece. Known differences: unigram
-segmentations that tie in score (runs of whitespace-only pieces, in another order) may be
-resolved differently, since the two implementations sum scores in different precisions; with
-a BPE vocabulary, text right after a literal multi-character special piece ("[MASK]") gets a
-"▁" of its own. For BERT, where "[MASK]" in text is the point, [CLS]/[SEP]/[MASK] are split off
-first and the dummy prefix comes from a `Metaspace` pre-tokenizer instead, which gets special
-pieces inside a text right but not the "▁" of a text that starts with a space or one of them.
+prefix, spaces to "▁", the model's precompiled character map such as NFKC, squeezed spaces)
+before the model runs, so a text that starts with a space or a newline keeps its prefix piece.
+A vocabulary whose character map rewrites one of its user-defined pieces (a newline under
+nmt_nfkc) is refused: sentencepiece shields those pieces, tokenizers cannot.
+
+Known differences: unigram segmentations that tie in score (runs of whitespace-only pieces, in
+another order) may be resolved differently, since the two implementations sum scores in
+different precisions; with a BPE vocabulary, text right after a literal multi-character
+special piece ("[MASK]") gets a "▁" of its own. For BERT, where "[MASK]" in text is the point,
+[CLS]/[SEP]/[MASK] are split off first and the dummy prefix comes from a `Metaspace`
+pre-tokenizer instead, which gets special pieces inside a text right but not the "▁" of a text
+that starts with a space or one of them.
 
 `tokenizer_config.json` names `PreTrainedTokenizerFast`, which loads `tokenizer.json` as it is:
 from transformers 5 on, `LlamaTokenizer` rebuilds every vocabulary as BPE, which would silently
@@ -38,7 +42,8 @@ _UNIGRAM, _BPE = 1, 2
 BERT_PIECES = ("[CLS]", "[SEP]", "[MASK]")
 
 
-def _proto(tokenizer: Tokenizer) -> Any:
+def sentencepiece_proto(tokenizer: Tokenizer) -> Any:
+    """The tokenizer's sentencepiece ModelProto: pieces, scores, types, normalizer settings."""
     from sentencepiece import sentencepiece_model_pb2
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(tokenizer.model_proto)
@@ -65,7 +70,7 @@ def fast_tokenizer(tokenizer: Tokenizer, bert: bool = False) -> Any:
     from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, \
         processors
     from tokenizers import Tokenizer as FastTokenizer
-    proto = _proto(tokenizer)
+    proto = sentencepiece_proto(tokenizer)
     pieces = list(proto.pieces)
     ids = {p.piece: i for i, p in enumerate(pieces)}
     byte_fallback = proto.trainer_spec.byte_fallback
@@ -87,9 +92,20 @@ def fast_tokenizer(tokenizer: Tokenizer, bert: bool = False) -> Any:
     spec = proto.normalizer_spec
     steps = []
     if spec.precompiled_charsmap:
-        steps.append(normalizers.Precompiled(spec.precompiled_charsmap))
+        charsmap = normalizers.Precompiled(spec.precompiled_charsmap)
+        steps.append(charsmap)
+        # sentencepiece shields user-defined pieces from its character map; tokenizers cannot
+        rewritten = [p.piece for p in pieces if p.type == _USER_DEFINED
+                     and charsmap.normalize_str(p.piece) != p.piece]
+        if rewritten:
+            raise CheckpointError(
+                f"tokenizer {tokenizer.source}: its normalization ({spec.name}) rewrites the "
+                f"user-defined pieces {rewritten[:3]}, which tokenizer.json cannot reproduce; "
+                "export needs a vocabulary trained with normalization_rule_name=identity (as "
+                "Loom trains them) or without such pieces")
     if spec.remove_extra_whitespaces:
-        steps += [normalizers.Strip(left=True, right=True),
+        # sentencepiece trims and squeezes spaces only (not newlines or tabs)
+        steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""),
                   normalizers.Replace(Regex(" {2,}"), " ")]
     fast = FastTokenizer(model)
     if bert:   # "[MASK]" in text is split off first; only the text's first piece gets the "▁"
@@ -131,7 +147,7 @@ def write(tokenizer: Tokenizer, out: Path, max_len: int, bert: bool = False) -> 
     except ImportError:
         raise CheckpointError("exporting a tokenizer needs the `tokenizers` package: "
                               "pip install -e '.[hf]'") from None
-    pieces = _proto(tokenizer).pieces
+    pieces = sentencepiece_proto(tokenizer).pieces
     tokenizer.save(out / TOKENIZER_FILE)
     fast.save(str(out / TOKENIZER_JSON))
     names = {f"{role}_token": pieces[i].piece
