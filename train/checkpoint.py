@@ -111,12 +111,13 @@ class Checkpointer:
     def restore_state(self, step: int, abstract_state: TrainState,
                       data_iterator: Any = None) -> TrainState:
         """The full train state at `step`, laid out like `abstract_state` (any mesh); the data
-        iterator, if given, is set to where it was."""
+        iterator, if given, is set to where it was (a checkpoint without one, such as an
+        imported model's, leaves it at the start)."""
         items = dict(params=ocp.args.StandardRestore(abstract_state.params),
                      opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
                      progress=ocp.args.StandardRestore({"step": abstract_state.step,
                                                         "rng": abstract_state.rng}))
-        if data_iterator is not None:
+        if data_iterator is not None and (self.path / str(step) / "data").exists():
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         out = self._restore(step, **items)
         return TrainState(step=out["progress"]["step"], params=out["params"],

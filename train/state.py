@@ -51,6 +51,18 @@ def init(model: nn.Module, cfg: ModelConfig, tx: optax.GradientTransformation,
     return jax.jit(create, out_shardings=state_shardings)()
 
 
+def from_params(params: Any, tx: optax.GradientTransformation, state_shardings: TrainState,
+                seed: int) -> TrainState:
+    """A state at step 0 around existing params (imported weights): fresh optimizer moments and
+    the dropout RNG `init` would draw for `seed`, laid out by `state_shardings`."""
+    def create(params):
+        _, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params), rng=dropout_rng)
+    return jax.jit(create, in_shardings=(state_shardings.params,),
+                   out_shardings=state_shardings)(params)
+
+
 def abstract(model: nn.Module, cfg: ModelConfig, tx: optax.GradientTransformation,
              state_shardings: TrainState) -> TrainState:
     """ShapeDtypeStructs carrying the target shardings: what a checkpoint is restored into."""
