@@ -1,10 +1,10 @@
 """Synthetic batches in the exact layout of every objective (see train/objectives.py), for
 benchmarks and tests that run without a data pipeline or a tokenizer.
 
-Apart from clm's uniform random tokens, rows are learnable: arithmetic progressions of token ids
-(random start and stride, modulo the vocabulary), so a model can infer a masked, replaced or
-continued token from its neighbours, and a falling loss shows that an objective trains. Ids
-below FIRST_TOKEN stand in for special tokens, in data/tokenizer.py's order.
+Apart from clm's uniform random tokens, rows are learnable: a random motif of PERIOD tokens
+repeated, so a model can recover a masked, replaced or continued token from a copy one period
+away, and a falling loss shows that an objective trains. Ids below FIRST_TOKEN stand in for
+special tokens, in data/tokenizer.py's order.
 """
 from __future__ import annotations
 
@@ -18,16 +18,15 @@ from train.config import ConfigError
 
 MASK, CLS, SEP = 5, 6, 7
 FIRST_TOKEN = 16
+PERIOD = 4
 SPAN_LENGTH, NOISE_DENSITY = 3, 0.15   # T5's mean span length and corruption rate
 Batch = dict[str, np.ndarray]
 
 
-def progressions(rng: np.random.Generator, rows: int, length: int, vocab: int) -> np.ndarray:
-    """rows x length ids in [FIRST_TOKEN, vocab): start + stride * t, wrapped."""
-    start = rng.integers(0, vocab - FIRST_TOKEN, (rows, 1))
-    stride = rng.integers(1, 4, (rows, 1))
-    return (FIRST_TOKEN + (start + stride * np.arange(length)[None]) % (vocab - FIRST_TOKEN)
-            ).astype(np.int32)
+def periodic(rng: np.random.Generator, rows: int, length: int, vocab: int) -> np.ndarray:
+    """rows x length ids in [FIRST_TOKEN, vocab): a random motif of PERIOD ids, repeated."""
+    motifs = rng.integers(FIRST_TOKEN, vocab, (rows, PERIOD)).astype(np.int32)
+    return np.tile(motifs, (1, -(-length // PERIOD)))[:, :length]
 
 
 def _unpacked(rows: int, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -48,17 +47,17 @@ def clm_batch(rows: int, length: int, vocab: int, seed: int) -> dict[str, jax.Ar
 def mlm_batch(rows: int, length: int, vocab: int, seed: int, *, pairs: bool,
               mask_rate: float = 0.15) -> Batch:
     """BERT rows: [CLS] A [SEP] B [SEP] with B the true continuation of A (pair_labels 1) or an
-    unrelated progression (0); or, without pairs, [CLS] A [SEP]. `mask_rate` of the ordinary
+    unrelated row (0); or, without pairs, [CLS] A [SEP]. `mask_rate` of the ordinary
     tokens are selected (at least one per row): 80% [MASK], 10% random, 10% kept."""
     rng = np.random.default_rng(seed)
     n = length - (3 if pairs else 2)
-    text = progressions(rng, rows, n, vocab)
+    text = periodic(rng, rows, n, vocab)
     column = lambda token: np.full((rows, 1), token, np.int32)  # noqa: E731
     if pairs:
         split = n // 2
         labels = rng.integers(0, 2, rows).astype(np.int32)
         second = np.where(labels[:, None] == 1, text[:, split:],
-                          progressions(rng, rows, n - split, vocab))
+                          periodic(rng, rows, n - split, vocab))
         tokens = np.concatenate([column(CLS), text[:, :split], column(SEP), second, column(SEP)], 1)
         type_ids = (np.arange(length) >= split + 2).astype(np.int32)[None].repeat(rows, 0)
     else:
@@ -92,7 +91,7 @@ def span_corruption_batch(rows: int, length: int, vocab: int, seed: int) -> Batc
     rng = np.random.default_rng(seed)
     spans, decoder_length = span_corruption_length(length)
     original = length + spans * (SPAN_LENGTH - 1)
-    text = progressions(rng, rows, original, vocab - spans)
+    text = periodic(rng, rows, original, vocab - spans)
     stretch = original // spans
     encoder, targets = [], []
     for row in text:
@@ -110,7 +109,7 @@ def span_corruption_batch(rows: int, length: int, vocab: int, seed: int) -> Batc
 
 def prefix_lm_batch(rows: int, length: int, vocab: int, seed: int) -> Batch:
     """Prefix-LM rows: the encoder reads `length` tokens, the decoder continues for `length`."""
-    text = progressions(np.random.default_rng(seed), rows, 2 * length, vocab)
+    text = periodic(np.random.default_rng(seed), rows, 2 * length, vocab)
     return _seq2seq(text[:, :length], text[:, length:])
 
 
