@@ -18,6 +18,8 @@ DEFAULT_RULES = (
     ("layers", None),
     ("norm", None),
     ("pos", None),
+    ("type_vocab", None),
+    ("embed_out", None),   # output side of a D x D' head or projection (pooler, MLM transform)
     ("seq", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
@@ -27,7 +29,8 @@ DEFAULT_RULES = (
 )
 
 HELP = {
-    "model.family": "model family: decoder (causal LM)",
+    "model.family": "decoder (causal LM) | encoder (BERT: MLM, NSP/SOP) | encoder_decoder (T5) "
+                    "| electra (generator + discriminator)",
     "model.vocab_size": "vocabulary size; 0 = take it from the tokenizer",
     "model.d_model": "residual stream width (D)",
     "model.n_heads": "query heads (H)",
@@ -50,6 +53,12 @@ HELP = {
     "model.remat": "rematerialisation: none | full | dots | minimal",
     "model.attention": "attention kernel: auto (cudnn on GPU, else xla) | xla | cudnn",
     "model.init_std": "stddev of the normal initialiser of dense and embedding weights",
+    "model.type_vocab_size": "encoder/electra: token-type (sentence A/B) embeddings; 0 = none",
+    "model.post_norm": "encoder/electra: BERT's post-LN blocks (exact HF BERT) instead of pre-norm",
+    "model.n_decoder_layers": "encoder_decoder: decoder blocks (n_layers counts the encoder's); "
+                              "0 = n_layers",
+    "model.generator_scale": "electra: generator d_model/heads/d_ff as a fraction of the "
+                             "discriminator's (paper: 1/4 to 1/2)",
     "data.source": "python_stdlib (offline corpus) | text_files (data.paths) | tfds (data.tfds_name)",
     "data.paths": "globs of .txt/.jsonl/source files for source=text_files",
     "data.tfds_name": "name of a tfds dataset prepared in data.data_dir, for source=tfds",
@@ -87,7 +96,8 @@ HELP = {
     "opt.grad_accum": "micro-batches per optimizer step (data.batch_size is split in this many)",
     "train.steps": "optimizer steps in the whole run",
     "train.seed": "seed of parameter init and dropout",
-    "train.objective": "training objective: clm (next-token prediction)",
+    "train.objective": "clm (decoder) | mlm (encoder; + NSP/SOP given sentence pairs) | electra "
+                       "(electra) | span_corruption, prefix_lm (encoder_decoder)",
     "train.z_loss": "coefficient of the log(Z)^2 auxiliary loss; 0 = off",
     "train.log_every": "steps between metric logs",
     "train.peak_tflops": "device peak TFLOP/s for MFU; 0 = look up a known accelerator",
@@ -111,7 +121,8 @@ def get_config() -> ConfigDict:
         n_layers=12, d_ff=2048, mlp="swiglu", norm="rmsnorm", norm_eps=1e-6, pos="rope",
         rope_theta=10000.0, max_len=2048, tie_embeddings=True, use_bias=False, dropout=0.0,
         dtype="bfloat16", param_dtype="float32", scan_layers=True, remat="none",
-        attention="auto", init_std=0.02,
+        attention="auto", init_std=0.02, type_vocab_size=2, post_norm=False,
+        n_decoder_layers=0, generator_scale=0.25,
     ))
     c.data = ConfigDict(dict(
         source="python_stdlib", paths=(), tfds_name="", text_field="text", data_dir="",

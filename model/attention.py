@@ -28,47 +28,48 @@ def attention_impl(cfg: ModelConfig, decode: bool) -> str:
 
 
 class Attention(nn.Module):
-    """Self-attention (causal or not) or, given `kv_BxSxD`, cross-attention.
+    """Self-attention (causal or not) or, with `cross=True`, cross-attention to `kv_BxSxD`.
 
-    In `decode` mode, keys and values are appended to a cache in the "cache" collection, sized by
-    the length of the input the cache was initialised with; queries then attend to every filled
-    slot up to their own. Cache slot order is time order; `positions_BxT` carries each token's
-    position for RoPE, so left-padded rows and rows of different lengths decode correctly.
+    In `decode` mode, self-attention appends keys and values to a cache in the "cache"
+    collection, sized by the length of the input the cache was initialised with; queries then
+    attend to every filled slot up to their own. Cache slot order is time order; `positions_BxT`
+    carries each token's position for RoPE, so left-padded rows and rows of different lengths
+    decode correctly. Cross-attention in `decode` mode caches the projected keys and values of
+    the `kv_BxSxD` it is given; a later call passes `kv_BxSxD=None` to reuse them, so a decoding
+    step never re-projects the whole encoder output.
     """
     cfg: ModelConfig
     out_std: float
     causal: bool = True
     decode: bool = False
+    cross: bool = False
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
                  segment_ids_BxT: jax.Array | None, kv_BxSxD: jax.Array | None = None,
                  kv_segment_ids_BxS: jax.Array | None = None) -> jax.Array:
         cfg = self.cfg
-        n, g, k = cfg.n_heads, cfg.kv_heads, cfg.head_size
-        self_attention = kv_BxSxD is None
-        kv_in = x_BxTxD if self_attention else kv_BxSxD
-        q_BxTxNxK = dense(cfg, (n, k), ("embed", "heads", "head_dim"), name="query")(x_BxTxD)
-        k_BxSxGxK = dense(cfg, (g, k), ("embed", "kv_heads", "head_dim"), name="key")(kv_in)
-        v_BxSxGxK = dense(cfg, (g, k), ("embed", "kv_heads", "head_dim"), name="value")(kv_in)
+        q_BxTxNxK = dense(cfg, (cfg.n_heads, cfg.head_size), ("embed", "heads", "head_dim"),
+                          name="query")(x_BxTxD)
         q_BxTxNxK = constrain(q_BxTxNxK, ("batch", "seq", "act_heads", "head_dim"))
-        k_BxSxGxK = constrain(k_BxSxGxK, ("batch", "seq", "act_kv_heads", "head_dim"))
-        v_BxSxGxK = constrain(v_BxSxGxK, ("batch", "seq", "act_kv_heads", "head_dim"))
-        if cfg.pos == "rope" and self_attention:
-            q_BxTxNxK = rope(q_BxTxNxK, positions_BxT, cfg.rope_theta)
-            k_BxSxGxK = rope(k_BxSxGxK, positions_BxT, cfg.rope_theta)
-
-        is_causal = self.causal and self_attention
-        if self.decode and self_attention:
-            k_BxSxGxK, v_BxSxGxK, mask = self._cached(k_BxSxGxK, v_BxSxGxK, segment_ids_BxT)
-            is_causal = False  # the cache mask is causal in slot order already
-        elif self_attention:
-            mask = None if segment_ids_BxT is None else segment_mask(segment_ids_BxT,
-                                                                      segment_ids_BxT)
-        else:
+        is_causal = False
+        if self.cross:
+            k_BxSxGxK, v_BxSxGxK, kv_segment_ids_BxS = self._cross_keys_values(
+                kv_BxSxD, kv_segment_ids_BxS)
             mask = None if kv_segment_ids_BxS is None else segment_mask(
                 segment_ids_BxT if segment_ids_BxT is not None else
                 jnp.ones(x_BxTxD.shape[:2], jnp.int32), kv_segment_ids_BxS)
+        else:
+            k_BxSxGxK, v_BxSxGxK = self._keys_values(x_BxTxD)
+            if cfg.pos == "rope":
+                q_BxTxNxK = rope(q_BxTxNxK, positions_BxT, cfg.rope_theta)
+                k_BxSxGxK = rope(k_BxSxGxK, positions_BxT, cfg.rope_theta)
+            if self.decode:  # the cache mask is causal in slot order already
+                k_BxSxGxK, v_BxSxGxK, mask = self._cached(k_BxSxGxK, v_BxSxGxK, segment_ids_BxT)
+            else:
+                is_causal = self.causal
+                mask = None if segment_ids_BxT is None else segment_mask(segment_ids_BxT,
+                                                                          segment_ids_BxT)
 
         out_BxTxNxK = jax.nn.dot_product_attention(
             q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask=mask, is_causal=is_causal,
@@ -77,6 +78,34 @@ class Attention(nn.Module):
         out_BxTxD = dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), axis=(-2, -1),
                           std=self.out_std, name="out")(out_BxTxNxK)
         return constrain(out_BxTxD, ("batch", "seq", "act_embed"))
+
+    def _keys_values(self, kv_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+        cfg = self.cfg
+        names = ("embed", "kv_heads", "head_dim")
+        shape = (cfg.kv_heads, cfg.head_size)
+        k_BxSxGxK = dense(cfg, shape, names, name="key")(kv_BxSxD)
+        v_BxSxGxK = dense(cfg, shape, names, name="value")(kv_BxSxD)
+        return (constrain(k_BxSxGxK, ("batch", "seq", "act_kv_heads", "head_dim")),
+                constrain(v_BxSxGxK, ("batch", "seq", "act_kv_heads", "head_dim")))
+
+    def _cross_keys_values(self, kv_BxSxD, kv_segment_ids_BxS):
+        """Keys/values of the encoder output; in decode mode written to or read from the cache."""
+        if kv_BxSxD is None:
+            if not (self.decode and self.has_variable("cache", "cross_key")):
+                raise ValueError("cross-attention needs kv_BxSxD (the encoder output); only a "
+                                 "decode-mode call after one that passed it may leave it out")
+            return (self.get_variable("cache", "cross_key"),
+                    self.get_variable("cache", "cross_value"),
+                    self.get_variable("cache", "cross_segment"))
+        k_BxSxGxK, v_BxSxGxK = self._keys_values(kv_BxSxD)
+        if not self.decode:
+            return k_BxSxGxK, v_BxSxGxK, kv_segment_ids_BxS
+        if kv_segment_ids_BxS is None:
+            kv_segment_ids_BxS = jnp.ones(kv_BxSxD.shape[:2], jnp.int32)
+        for name, value in (("cross_key", k_BxSxGxK), ("cross_value", v_BxSxGxK),
+                            ("cross_segment", kv_segment_ids_BxS.astype(jnp.int32))):
+            self.put_variable("cache", name, value)
+        return k_BxSxGxK, v_BxSxGxK, kv_segment_ids_BxS
 
     def _cached(self, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT):
         """Writes this chunk's keys/values at the cache index; returns the whole cache + mask."""

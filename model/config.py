@@ -6,7 +6,9 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-FAMILIES = ("decoder",)
+# decoder: causal LM; encoder: BERT-style bidirectional LM with MLM and sentence-pair heads;
+# encoder_decoder: T5-style seq2seq; electra: a small generator and an encoder discriminator.
+FAMILIES = ("decoder", "encoder", "encoder_decoder", "electra")
 CHOICES = {
     "mlp": ("swiglu", "gelu"),
     "norm": ("rmsnorm", "layernorm"),
@@ -47,6 +49,10 @@ class ModelConfig:
     remat: str = "none"
     attention: str = "auto"
     init_std: float = 0.02
+    type_vocab_size: int = 2        # encoder, electra: token types (sentence A/B); 0 = none
+    post_norm: bool = False         # encoder, electra: BERT's post-LN blocks instead of pre-norm
+    n_decoder_layers: int = 0       # encoder_decoder: decoder blocks (n_layers: encoder); 0 = same
+    generator_scale: float = 0.25   # electra: generator width / discriminator width
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -70,6 +76,38 @@ class ModelConfig:
             raise ModelConfigError(f"RoPE needs an even head size, got {self.head_size}")
         if not 0.0 <= self.dropout < 1.0:
             raise ModelConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        for key in ("type_vocab_size", "n_decoder_layers"):
+            if getattr(self, key) < 0:
+                raise ModelConfigError(f"model.{key} must be >= 0, got {getattr(self, key)}")
+        if self.post_norm and self.family not in ("encoder", "electra"):
+            raise ModelConfigError(
+                f"model.post_norm=True is for the encoder and electra families (BERT-style "
+                f"blocks), not model.family={self.family!r}; set model.post_norm=False")
+        if self.family == "electra":
+            self.generator_config()  # validates model.generator_scale
+
+    @property
+    def decoder_layers(self) -> int:
+        """Blocks of an encoder_decoder's decoder stack."""
+        return self.n_decoder_layers or self.n_layers
+
+    def generator_config(self) -> "ModelConfig":
+        """ELECTRA's generator: the discriminator's config with d_model, heads and d_ff scaled by
+        `generator_scale` (head size kept, as in the paper's code); it shares the embeddings."""
+        scale = self.generator_scale
+        if not 0.0 < scale <= 1.0:
+            raise ModelConfigError(f"model.generator_scale must be in (0, 1], got {scale}")
+        heads = max(1, round(self.n_heads * scale))
+        kv_heads = max(1, round(self.kv_heads * scale)) if self.n_kv_heads else 0
+        try:
+            return dataclasses.replace(
+                self, family="encoder", d_model=max(1, round(self.d_model * scale)),
+                n_heads=heads, n_kv_heads=kv_heads, d_ff=max(1, round(self.d_ff * scale)))
+        except ModelConfigError as e:
+            raise ModelConfigError(
+                f"model.generator_scale={scale} gives an invalid ELECTRA generator (d_model="
+                f"{round(self.d_model * scale)}, n_heads={heads}, n_kv_heads={kv_heads}): {e}; "
+                "choose a scale that keeps d_model divisible by the heads") from None
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], **overrides: Any) -> "ModelConfig":

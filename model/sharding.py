@@ -111,8 +111,9 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules) -> Any:
         one, specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None)
 
 
-def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
-    """Sharding of a [batch, ...] input: batch over the axes the "batch" rule names."""
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 1) -> NamedSharding:
+    """Sharding of a [batch, ...] input: batch over the axes the "batch" rule names, the other
+    dimensions replicated (by default unnamed, so it fits [B] and [B, T] batch leaves alike)."""
     spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), rules)
     return NamedSharding(mesh, spec)
 

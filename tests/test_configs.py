@@ -5,6 +5,7 @@ import os
 import jax
 import pytest
 
+import model as model_lib
 from configs.base import HELP, get_config
 from train.config import flat_items, load, validate
 from train.loop import build
@@ -27,7 +28,7 @@ def test_shipped_config_builds(path):
         config.model.vocab_size = config.data.tokenizer.vocab_size
     setup = build(config)       # shapes and shardings only: nothing is allocated
     shapes = jax.eval_shape(lambda: setup.model.init(jax.random.PRNGKey(0),
-                                                     jax.numpy.zeros((1, 8), "int32")))
+                                                     *model_lib.init_inputs(setup.model_cfg)))
     n = sum(x.size for x in jax.tree.leaves(shapes)) / 1e6
     name = os.path.basename(path)[:-3]
     if name in EXPECTED_PARAMS_M:

@@ -1,7 +1,8 @@
 """python -m train.benchmark --config configs/bench_tiny.py [--steps N] [--config.KEY=VALUE ...]
    python -m train.benchmark --config configs/bench_tiny.py --reference shared/bench/reference_gpt.py
 
-Times Loom's compiled train step on synthetic tokens (no data pipeline, no tokenizer) and prints
+Times Loom's compiled train step on synthetic batches of `train.objective` (train/synthetic.py:
+no data pipeline, no tokenizer), for every model family, and prints
 one JSON line per measurement: params, step time, tokens/s, model TFLOP/s, MFU against the device
 peak, compile time and peak device memory. FLOPs count like ../shared/bench/reference_gpt.py
 (6N + 12*L*d*T per token), so the two print comparable figures side by side.
@@ -18,7 +19,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from ml_collections import ConfigDict
 
 import model as model_lib
@@ -27,16 +27,7 @@ from train import state as state_lib
 from train.cli import fail_cleanly, parse
 from train.config import ConfigError, validate
 from train.metrics import peak_tflops, throughput
-
-
-def synthetic_batch(config: ConfigDict, sharding, seed: int = 1) -> dict[str, jax.Array]:
-    """Uniformly random tokens in the layout of a real causal-LM batch."""
-    b, t, v = config.data.batch_size, config.data.seq_len, config.model.vocab_size
-    tokens = jax.random.randint(jax.random.PRNGKey(seed), (b, t + 1), 0, v, jnp.int32)
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-             "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
-             "segment_ids": jnp.ones((b, t), jnp.int32), "weights": jnp.ones((b, t), jnp.float32)}
-    return jax.device_put(batch, sharding)
+from train.synthetic import decoder_length, synthetic_batch
 
 
 def peak_memory_gb() -> float | None:
@@ -70,10 +61,12 @@ def measure(config: ConfigDict, steps: int, warmup: int = 2) -> dict[str, Any]:
         dt = (time.perf_counter() - t0) / steps
     n_params = state_lib.param_count(state.params)
     tokens = config.data.batch_size * config.data.seq_len
-    flops = model_lib.flops_per_token(setup.model_cfg, n_params, config.data.seq_len)
+    flops = model_lib.flops_per_token(setup.model_cfg, n_params, config.data.seq_len,
+                                      decoder_length(config))
     peak = peak_tflops(config.train.peak_tflops)
     figures = throughput(dt, tokens, flops, peak)
-    out = dict(system="loom", device=jax.devices()[0].device_kind, n_devices=jax.device_count(),
+    out = dict(system="loom", objective=config.train.objective,
+               device=jax.devices()[0].device_kind, n_devices=jax.device_count(),
                batch=config.data.batch_size, seq=config.data.seq_len,
                params_M=round(n_params / 1e6, 1), dtype=config.model.dtype,
                remat=config.model.remat, step_s=round(dt, 4),

@@ -13,7 +13,10 @@ from configs.base import HELP
 from model.config import ModelConfig, ModelConfigError
 from model.sharding import MeshError, rules_from_config
 
-OBJECTIVES = ("clm",)
+# Each objective and the model family it trains (train/objectives.py implements them).
+OBJECTIVE_FAMILIES = {"clm": "decoder", "mlm": "encoder", "electra": "electra",
+                      "span_corruption": "encoder_decoder", "prefix_lm": "encoder_decoder"}
+OBJECTIVES = tuple(OBJECTIVE_FAMILIES)
 SOURCES = ("python_stdlib", "text_files", "tfds")
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -151,6 +154,15 @@ def validate(cfg: ConfigDict) -> None:
     _check(0 <= opt.min_lr_ratio <= 1, "opt.min_lr_ratio must be in [0, 1]")
     _check(train.objective in OBJECTIVES,
            f"train.objective={train.objective!r}: choose one of {OBJECTIVES}")
+    family = OBJECTIVE_FAMILIES[train.objective]
+    _check(model.family == family,
+           f"train.objective={train.objective!r} trains a model.family={family!r} model, not "
+           f"model.family={model.family!r}; set --config.model.family={family}, or an objective "
+           f"for {model.family!r} models: "
+           f"{', '.join(o for o, f in OBJECTIVE_FAMILIES.items() if f == model.family)}")
+    _check(model.family == "decoder" or not cfg.eval.sample_prompt,
+           f"eval.sample_prompt is for model.family='decoder'; a {model.family!r} model prints "
+           "no text sample, so set --config.eval.sample_prompt=''")
     _check(train.steps > 0, f"train.steps must be positive, got {train.steps}")
     _check(train.log_every > 0, f"train.log_every must be positive, got {train.log_every}")
     _check(cfg.eval.every >= 0 and cfg.eval.steps > 0, "eval.every must be >= 0, eval.steps > 0")

@@ -15,6 +15,10 @@ Batch layouts (data/pipeline.py produces them; int32 unless noted, B rows):
   prefix_lm        decoder_inputs, decoder_targets, decoder_positions, decoder_segment_ids [B,S];
                    decoder_weights [B,S] float32
 segment_ids are 1, 2, ... per packed example and 0 for padding, in every layout.
+
+An objective with two losses of different denominators (MLM + sentence pair, ELECTRA's generator
++ discriminator) rescales the second to the first's weight, so that total / weight is the sum of
+the two means, as in the papers (exactly per micro-batch).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 Sums = dict[str, jax.Array]
 Objective = Callable[..., tuple[jax.Array, Sums]]
@@ -50,4 +55,92 @@ def clm(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng: jax.
     return token_cross_entropy(logits_BxTxV, batch["targets"], batch["weights"], z_loss)
 
 
-OBJECTIVES: dict[str, Objective] = {"clm": clm}
+def _rescaled(sums: Sums, weight: jax.Array, to_weight: jax.Array) -> Sums:
+    """Sums over `weight` items, scaled so that dividing by `to_weight` gives their means."""
+    ratio = to_weight / jnp.maximum(weight, 1.0)
+    return {k: v * ratio for k, v in sums.items()}
+
+
+def pair_cross_entropy(logits_Bx2: jax.Array, labels_B: jax.Array, weights_B: jax.Array
+                       ) -> tuple[jax.Array, Sums]:
+    """Summed sentence-pair (NSP/SOP) cross entropy and accuracy over weighted rows."""
+    ce_B = optax.softmax_cross_entropy_with_integer_labels(logits_Bx2, labels_B)
+    correct_B = jnp.argmax(logits_Bx2, -1) == labels_B
+    return jnp.sum(ce_B * weights_B), {"pair_loss": jnp.sum(ce_B * weights_B),
+                                       "pair_accuracy": jnp.sum(correct_B * weights_B)}
+
+
+def mlm(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng: jax.Array,
+        train: bool, z_loss: float = 0.0) -> tuple[jax.Array, Sums]:
+    """BERT: masked-token cross entropy on the weighted positions (its mean is "loss"), plus the
+    mean sentence-pair loss when the batch has `pair_labels`."""
+    out = model.apply({"params": params}, batch["inputs"], batch["positions"],
+                      batch["segment_ids"], batch["type_ids"], train=train,
+                      rngs={"dropout": rng})
+    total, sums = token_cross_entropy(out["mlm_logits"], batch["targets"], batch["weights"],
+                                      z_loss)
+    if "pair_labels" in batch:
+        pair_weights_B = batch["pair_weights"].astype(jnp.float32)
+        _, pair_sums = pair_cross_entropy(out["pair_logits"], batch["pair_labels"],
+                                          pair_weights_B)
+        pair_sums = _rescaled(pair_sums, jnp.sum(pair_weights_B), sums["weight"])
+        total = total + pair_sums["pair_loss"]
+        sums.update(pair_sums)
+    return total, sums
+
+
+DISCRIMINATOR_WEIGHT = 50.0   # ELECTRA's lambda: the discriminator loss is ~50x smaller
+
+
+def electra(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng: jax.Array,
+            train: bool, z_loss: float = 0.0) -> tuple[jax.Array, Sums]:
+    """ELECTRA, generator and discriminator trained jointly.
+
+    The generator's MLM predicts the selected (weighted) positions; a sample from its softmax
+    (no gradient) replaces them; the discriminator labels every real token as original or
+    replaced (a sample equal to the original counts as original). The minimised loss is
+    generator MLM mean + DISCRIMINATOR_WEIGHT * discriminator BCE mean over real tokens, and
+    "weight" counts the real tokens.
+    """
+    dropout_rng, sample_rng = jax.random.split(rng)
+    context = (batch["positions"], batch["segment_ids"], batch["type_ids"])
+    gen_logits_BxTxV = model.apply({"params": params}, batch["inputs"], *context, train=train,
+                                   rngs={"dropout": jax.random.fold_in(dropout_rng, 0)},
+                                   method=model.generator_logits)
+    gen_total, gen_sums = token_cross_entropy(gen_logits_BxTxV, batch["targets"],
+                                              batch["weights"], z_loss)
+    sampled_BxT = jax.random.categorical(sample_rng, jax.lax.stop_gradient(gen_logits_BxTxV))
+    selected_BxT = batch["weights"] > 0
+    corrupted_BxT = jnp.where(selected_BxT, sampled_BxT, batch["targets"]).astype(jnp.int32)
+    replaced_BxT = (corrupted_BxT != batch["targets"]).astype(jnp.float32)
+    rtd_logits_BxT = model.apply({"params": params}, corrupted_BxT, *context, train=train,
+                                 rngs={"dropout": jax.random.fold_in(dropout_rng, 1)},
+                                 method=model.discriminator_logits)
+    real_BxT = (batch["segment_ids"] != 0).astype(jnp.float32)
+    bce_BxT = optax.sigmoid_binary_cross_entropy(rtd_logits_BxT, replaced_BxT)
+    disc_sum = jnp.sum(bce_BxT * real_BxT)
+    n_real = jnp.sum(real_BxT)
+    gen = _rescaled({"generator_loss": gen_sums["loss"], "generator_accuracy":
+                     gen_sums["accuracy"], "z_loss": gen_sums["z_loss"], "total": gen_total},
+                    gen_sums["weight"], n_real)
+    total = gen.pop("total") + DISCRIMINATOR_WEIGHT * disc_sum
+    correct_BxT = (rtd_logits_BxT > 0) == (replaced_BxT > 0)
+    return total, {"loss": gen["generator_loss"] + DISCRIMINATOR_WEIGHT * disc_sum, **gen,
+                   "discriminator_loss": disc_sum,
+                   "discriminator_accuracy": jnp.sum(correct_BxT * real_BxT),
+                   "replaced": jnp.sum(replaced_BxT * real_BxT), "weight": n_real}
+
+
+def seq2seq(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng: jax.Array,
+            train: bool, z_loss: float = 0.0) -> tuple[jax.Array, Sums]:
+    """Encoder-decoder cross entropy of `decoder_targets` (span corruption, prefix LM)."""
+    logits_BxSxV = model.apply(
+        {"params": params}, batch["encoder_inputs"], batch["decoder_inputs"],
+        batch["encoder_positions"], batch["encoder_segment_ids"], batch["decoder_positions"],
+        batch["decoder_segment_ids"], train=train, rngs={"dropout": rng})
+    return token_cross_entropy(logits_BxSxV, batch["decoder_targets"], batch["decoder_weights"],
+                               z_loss)
+
+
+OBJECTIVES: dict[str, Objective] = {"clm": clm, "mlm": mlm, "electra": electra,
+                                    "span_corruption": seq2seq, "prefix_lm": seq2seq}
