@@ -70,8 +70,9 @@ class Vocab:
 
 
 def word_ids(ids: np.ndarray, vocab: Vocab) -> np.ndarray:
-    """Word number of each token (a word is a word-start piece and the pieces after it)."""
-    starts = vocab.word_start[ids].copy()
+    """Word number of each token (a word is a word-start piece and the pieces after it; a
+    special piece is a word of its own)."""
+    starts = vocab.word_start[ids] | vocab.special[ids]
     starts[1:] |= vocab.breaks[ids[:-1]]
     starts[0] = True
     return np.cumsum(starts) - 1

@@ -15,23 +15,27 @@ import numpy as np
 
 from data.tokenizer import Tokenizer
 
-# A sentence ends after a line break, or after . ! ? (or their CJK forms) and a space.
-_SENTENCE_END = re.compile(r"(?<=\n)|(?<=[.!?] )|(?<=[\u3002\uff01\uff1f])")
+# Inside a line, a sentence ends after . ! ? followed by a space (which starts the next one, as
+# it starts a word's piece, so sentences encode to the same ids as the whole line) or after
+# their CJK forms.
+_SENTENCE_END = re.compile(r"(?<=[.!?])(?= )|(?<=[\u3002\uff01\uff1f])")
 Pair = tuple[np.ndarray, np.ndarray, int]
 
 
 def sentences(text: str) -> list[str]:
-    """Consecutive sentences whose concatenation is `text`; blank ones join their neighbour."""
+    """Consecutive sentences (lines, and sentences within long lines) whose concatenation is
+    `text`; blank ones join their neighbour."""
     out: list[str] = []
-    for part in _SENTENCE_END.split(text):
-        if not part:
-            continue
-        if out and not part.strip():
-            out[-1] += part
-        elif out and not out[-1].strip():
-            out[-1] += part
-        else:
-            out.append(part)
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        line = line + "\n" if i < len(lines) - 1 else line
+        for part in _SENTENCE_END.split(line) if len(line) > 80 else (line,):
+            if not part:
+                continue
+            if out and (not part.strip() or not out[-1].strip()):
+                out[-1] += part
+            else:
+                out.append(part)
     return out
 
 
@@ -55,16 +59,11 @@ def _truncate(a: np.ndarray, b: np.ndarray, max_tokens: int,
 
 def random_span(text: str, tokenizer: Tokenizer, n_tokens: int,
                 rng: np.random.Generator) -> np.ndarray:
-    """About `n_tokens` tokens of `text`, from a random sentence on."""
-    sents = sentences(text)
-    start = int(rng.integers(len(sents))) if sents else 0
-    ids, total = [], 0
-    for s in sents[start:]:
-        ids.append(tokenizer.encode_array(s))
-        total += len(ids[-1])
-        if total >= n_tokens:
-            break
-    return np.concatenate(ids)[:n_tokens] if ids else np.zeros(0, np.int32)
+    """About `n_tokens` tokens of `text`, from the start of a random line on."""
+    start = int(rng.integers(len(text))) if text else 0
+    start = text.find("\n", start) + 1 if text.find("\n", start) >= 0 else 0
+    window = text[start:start + 16 * n_tokens] or text[:16 * n_tokens]
+    return tokenizer.encode_array(window)[:n_tokens]
 
 
 def pairs(text: str, tokenizer: Tokenizer, mode: str, max_tokens: int, rng: np.random.Generator,

@@ -130,8 +130,8 @@ class SpanCorruptionExamples:
 
 @dataclasses.dataclass(frozen=True)
 class PrefixLmExamples:
-    """Doc -> prefix-LM examples: chunks of up to seq_len + target_len - 2 tokens, each cut at a
-    random point so the prefix fits the encoder and the rest the decoder."""
+    """Doc -> prefix-LM examples: a prefix of random length (1 .. seq_len - 1 tokens) for the
+    encoder, the next target_len - 1 tokens for the decoder, then the next example."""
     tokenizer: Tokenizer
     seq_len: int
     target_len: int
@@ -139,16 +139,13 @@ class PrefixLmExamples:
     def __call__(self, doc: Doc) -> list[Example]:
         rng = doc.rng()
         ids = self.tokenizer.encode_array(doc.text)
-        size = self.seq_len + self.target_len - 2
-        examples = []
-        for start in range(0, len(ids), size):
-            chunk = ids[start:start + size]
-            if len(chunk) < 2:
-                continue
-            low, high = max(1, len(chunk) - self.target_len + 1), min(self.seq_len - 1,
-                                                                        len(chunk) - 1)
-            cut = int(rng.integers(low, high + 1))
-            examples.append(encoder_decoder_example(chunk[:cut], chunk[cut:], doc.epoch))
+        examples, start = [], 0
+        while len(ids) - start >= 2:
+            cut = min(int(rng.integers(1, self.seq_len)), len(ids) - start - 1)
+            end = min(start + cut + self.target_len - 1, len(ids))
+            examples.append(encoder_decoder_example(ids[start:start + cut],
+                                                    ids[start + cut:end], doc.epoch))
+            start = end
         return examples
 
 
