@@ -60,7 +60,9 @@ class LocalCorpus(tfds.core.GeneratorBasedBuilder):
         for i, (key, text) in enumerate(_documents(cfg)):
             if cfg.max_docs and i >= cfg.max_docs:
                 break
-            if in_validation(text, cfg.validation_percent) == (split == "validation"):
+            # blank documents (dropped later by cleaning, and counted) split by name instead
+            basis = text if text.strip() else key
+            if in_validation(basis, cfg.validation_percent) == (split == "validation"):
                 yield key, {"key": key, "text": text}
 
 
@@ -112,7 +114,11 @@ def prepare(source: Source, data_cfg: Mapping[str, Any]) -> tfds.core.DatasetBui
                           file_format="array_record")
     if not builder.is_prepared():
         log.info("preparing %s in %s", builder.builder_config.name, builder.data_dir)
-        builder.download_and_prepare()
+        try:
+            builder.download_and_prepare()
+        except AssertionError as e:   # tfds refuses to write a split without examples
+            raise DataError(f"{source.name}: {e}; the corpus needs more documents, or a "
+                            "different data.validation_percent") from None
     for split in SPLITS:
         if builder.info.splits[split].num_examples == 0:
             raise DataError(
