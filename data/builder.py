@@ -186,7 +186,8 @@ def read_split(source: Source, data_cfg: Mapping[str, Any], split: str,
     cleaning.check_not_empty(kept, name)
     if kept.counts["kept"] < kept.counts["documents"]:
         log.warning("%s", kept.report(name))
-    return grain.MapDataset.source(kept.indices).map(TextOf(records, source.text_field, clean)), kept
+    texts = grain.MapDataset.source(kept.indices).map(TextOf(records, source.text_field, clean))
+    return texts, kept
 
 
 def tfds_texts(name: str, split: str, text_field: str, directory: str | None,

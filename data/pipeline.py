@@ -16,14 +16,15 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+from absl import flags
 import grain
-from grain.experimental import InterleaveIterDataset, WindowShuffleIterDataset
+from grain.experimental import InterleaveIterDataset
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
 from data import builder as builder_lib
-from data import masking, mixture, packing, span_corruption
+from data import masking, mixture, packing, shuffling, span_corruption
 from data import tokenizer as tokenizer_lib
 from data.cleaning import CleanConfig
 from data.packing import Doc
@@ -70,7 +71,8 @@ def document_stream(data_cfg: Mapping[str, Any], split: str, *, shuffle: bool,
             raise DataError(f"{source.name} [{split}] has {len(docs)} documents, fewer than the "
                             f"{process_count} processes that must each read a share")
         shard = docs[process_index::process_count]
-        stream = shard.shuffle(seed=data_cfg["shuffle_seed"] + i) if shuffle else shard
+        stream = shuffling.shuffle_documents(shard, data_cfg["shuffle_seed"] + i) if shuffle \
+            else shard
         streams.append(stream.repeat(num_epochs).map_with_index(
             _Tag(data_cfg["shuffle_seed"], i, len(shard))))
         shards.append(shard)
@@ -175,10 +177,12 @@ def local_batches(data_cfg: Mapping[str, Any], tokenizer: Tokenizer, split: str,
     rows = ROWS[objective](docs, partners, tokenizer, data_cfg,
                            data_cfg["interleave"] if shuffle else 1)
     if shuffle and data_cfg["shuffle_window"] > 1:
-        rows = WindowShuffleIterDataset(rows, window_size=data_cfg["shuffle_window"],
-                                        seed=data_cfg["shuffle_seed"])
+        rows = shuffling.WindowShuffle(rows, window_size=data_cfg["shuffle_window"],
+                                       seed=data_cfg["shuffle_seed"])
     batches = rows.batch(local_batch, drop_remainder=True)
     if data_cfg["worker_count"] > 0 and shuffle:
+        if not flags.FLAGS.is_parsed():   # grain's workers read absl flags; Loom uses argparse
+            flags.FLAGS.mark_as_parsed()
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=data_cfg["worker_count"]))
     return batches

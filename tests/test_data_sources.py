@@ -135,7 +135,8 @@ def test_a_corpus_that_cleaning_empties_is_an_error(config, tmp_path):
 
 
 def test_invalid_utf8_and_missing_paths_name_the_problem(config, tmp_path):
-    corpus = _write_corpus(tmp_path / "latin1", extra={"caf\u00e9.txt": "caf\u00e9".encode("latin-1")})
+    corpus = _write_corpus(tmp_path / "latin1",
+                           extra={"caf\u00e9.txt": "caf\u00e9".encode("latin-1")})
     config.data.update(source="text_files", paths=(str(corpus / "*.txt"),),
                        data_dir=str(tmp_path / "tfds"))
     with pytest.raises(DataError, match=r"caf\u00e9.txt is not valid UTF-8.*re-encode"):
