@@ -121,7 +121,7 @@ def masked_example(ids: np.ndarray, type_ids: np.ndarray, epoch: int, vocab: Voc
     selected = select(ids, vocab, cfg.rate, cfg.whole_word, rng)
     return {"inputs": corrupt(ids, selected, vocab, cfg, rng), "targets": ids,
             "weights": selected.astype(np.float32), "type_ids": type_ids.astype(np.int32),
-            "epoch": packing.epochs_like(ids, epoch)}
+            "epoch": epoch}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -162,22 +162,9 @@ class MlmExamples:
         return examples
 
 
-def _rename(row: Example) -> Example:
-    out = {"inputs": row["inputs"].astype(np.int32), "targets": row["targets"].astype(np.int32),
-           "positions": row["inputs_positions"], "segment_ids": row["inputs_segment_ids"],
-           "type_ids": row["type_ids"].astype(np.int32),
-           "weights": row["weights"].astype(np.float32), "epoch": packing.row_epoch(row["epoch"])}
-    if "pair_labels" in row:
-        out["pair_labels"] = np.asarray(row["pair_labels"], np.int32)
-        out["pair_weights"] = np.asarray(row["pair_weights"], np.float32)
-    return out
-
-
 def mlm_rows(examples: grain.IterDataset, seq_len: int, *, packing_rows: bool,
              pairs: bool) -> grain.IterDataset:
     """Masked examples -> rows of `seq_len`: packed several to a row unless they are sentence
     pairs (one pair per row, since each row has one pair label)."""
-    lengths = {k: seq_len for k in ("inputs", "targets", "weights", "type_ids", "epoch")}
-    rows = packing.fit_rows(examples, lengths=lengths, primary=("inputs",),
-                            packing=packing_rows and not pairs)
-    return rows.map(_rename)
+    streams = {"": (seq_len, ("inputs", "targets", "weights", "type_ids"))}
+    return packing.fit_rows(examples, streams, packing=packing_rows and not pairs)

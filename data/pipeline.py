@@ -18,7 +18,6 @@ from typing import Any, Callable, Iterator, Mapping
 
 from absl import flags
 import grain
-from grain.experimental import InterleaveIterDataset
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
@@ -27,6 +26,7 @@ from data import builder as builder_lib
 from data import masking, mixture, packing, shuffling, span_corruption
 from data import tokenizer as tokenizer_lib
 from data.cleaning import CleanConfig
+from data.interleave import InterleaveExamples
 from data.packing import Doc
 from data.sources import DataError
 from data.tokenizer import Tokenizer
@@ -93,19 +93,9 @@ class _Partner:
         return text
 
 
-@dataclasses.dataclass(frozen=True)
-class _AsDataset:
-    make: Callable[[Doc], list]
-
-    def __call__(self, doc: Doc) -> grain.MapDataset:
-        return grain.MapDataset.source(self.make(doc))
-
-
 def _examples(docs: grain.MapDataset, make: Callable[[Doc], list],
               cycle_length: int) -> grain.IterDataset:
-    # A long document yields many consecutive examples: drawing from `cycle_length` documents at
-    # once (then shuffling rows in a window) keeps every batch a mix of many documents.
-    return InterleaveIterDataset(docs.map(_AsDataset(make)), cycle_length=cycle_length)
+    return InterleaveExamples(docs, make, cycle_length)
 
 
 def target_length(data_cfg: Mapping[str, Any], objective: str) -> int:

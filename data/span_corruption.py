@@ -102,8 +102,7 @@ def encoder_decoder_example(inputs: np.ndarray, targets: np.ndarray, epoch: int)
     targets = np.append(targets, EOS).astype(np.int32)
     return {"encoder_inputs": inputs, "decoder_targets": targets,
             "decoder_inputs": np.concatenate([[BOS], targets[:-1]]).astype(np.int32),
-            "decoder_weights": np.ones(len(targets), np.float32),
-            "epoch": packing.epochs_like(inputs, epoch)}
+            "decoder_weights": np.ones(len(targets), np.float32), "epoch": epoch}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -149,27 +148,13 @@ class PrefixLmExamples:
         return examples
 
 
-def _rename(row: Example) -> Example:
-    return {"encoder_inputs": row["encoder_inputs"].astype(np.int32),
-            "encoder_positions": row["encoder_inputs_positions"],
-            "encoder_segment_ids": row["encoder_inputs_segment_ids"],
-            "decoder_inputs": row["decoder_inputs"].astype(np.int32),
-            "decoder_targets": row["decoder_targets"].astype(np.int32),
-            "decoder_positions": row["decoder_inputs_positions"],
-            "decoder_segment_ids": row["decoder_inputs_segment_ids"],
-            "decoder_weights": row["decoder_weights"].astype(np.float32),
-            "epoch": packing.row_epoch(row["epoch"])}
-
-
 def encoder_decoder_rows(examples: grain.IterDataset, seq_len: int, target_len: int, *,
                          packing_rows: bool) -> grain.IterDataset:
     """Examples -> rows of encoder length `seq_len` and decoder length `target_len`; packed
     examples share a segment id on both sides."""
-    lengths = {"encoder_inputs": seq_len, "epoch": seq_len, "decoder_inputs": target_len,
-               "decoder_targets": target_len, "decoder_weights": target_len}
-    return packing.fit_rows(examples, lengths=lengths,
-                            primary=("encoder_inputs", "decoder_inputs"),
-                            packing=packing_rows).map(_rename)
+    streams = {"encoder_": (seq_len, ("encoder_inputs",)),
+               "decoder_": (target_len, ("decoder_inputs", "decoder_targets", "decoder_weights"))}
+    return packing.fit_rows(examples, streams, packing=packing_rows)
 
 
 def sentinel_ids(tokenizer: Tokenizer, chunk_len: int, cfg: SpanConfig) -> np.ndarray:
