@@ -21,8 +21,8 @@ from data import pipeline
 from data.tokenizer import Tokenizer
 
 
-def raw_encode_speed(data_cfg: Mapping[str, Any], tokenizer: Tokenizer,
-                     max_chars: int) -> dict[str, float]:
+def raw_encode_speed(data_cfg: Mapping[str, Any], tokenizer: Tokenizer, max_chars: int,
+                     repeats: int = 3) -> dict[str, float]:
     """One-thread sentencepiece speed (ids as numpy, its fastest form) on the first `max_chars`
     of the cleaned train split, per wall-clock and per CPU second."""
     docs, chars = [], 0
@@ -31,10 +31,13 @@ def raw_encode_speed(data_cfg: Mapping[str, Any], tokenizer: Tokenizer,
         chars += len(text)
         if chars >= max_chars:
             break
-    wall, cpu = time.perf_counter(), time.process_time()
-    tokens = sum(len(tokenizer.encode_array(text)) for text in docs)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return {"tokens_per_s": tokens / wall, "tokens_per_cpu_s": tokens / cpu,
+    best_wall = best_cpu = float("inf")
+    for _ in range(repeats):       # best of a few: other processes share the CPUs
+        wall, cpu = time.perf_counter(), time.process_time()
+        tokens = sum(len(tokenizer.encode_array(text)) for text in docs)
+        best_wall = min(best_wall, time.perf_counter() - wall)
+        best_cpu = min(best_cpu, time.process_time() - cpu)
+    return {"tokens_per_s": tokens / best_wall, "tokens_per_cpu_s": tokens / best_cpu,
             "chars_per_token": chars / tokens, "tokens": tokens, "documents": len(docs)}
 
 

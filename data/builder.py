@@ -160,24 +160,30 @@ def as_text(record: Mapping[str, Any], field: str) -> str:
 
 
 @dataclasses.dataclass
-class TextOf:
-    """Picklable record index -> cleaned text (grain workers receive the pipeline by pickle).
+class CleanTexts:
+    """Random-access cleaned texts of the kept records of a split; picklable, since grain's
+    workers receive the pipeline by pickle.
 
     A `Text` feature is read straight from the record's tf.Example proto: tfds' general
     deserialisation costs more than cleaning the text.
     """
-    source: Any     # a tfds ArrayRecord data source
+    records: Any     # a tfds ArrayRecord data source
+    indices: np.ndarray
     field: str
     clean: cleaning.CleanConfig
     plain_text: bool
 
-    def __call__(self, index: Any) -> str:
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> str:
+        index = int(self.indices[i])
         if self.plain_text:
-            record = tf_example_pb2.Example.FromString(self.source.data_source[int(index)])
+            record = tf_example_pb2.Example.FromString(self.records.data_source[index])
             text = record.features.feature[self.field].bytes_list.value[0].decode(
                 "utf-8", errors="replace")
         else:
-            text = as_text(self.source[int(index)], self.field)
+            text = as_text(self.records[index], self.field)
         return self.clean.text(text)
 
 
@@ -200,8 +206,8 @@ def read_split(source: Source, data_cfg: Mapping[str, Any], split: str,
         log.warning("%s", kept.report(name))
     plain = isinstance(prepared.info.features[source.text_field], tfds.features.Text) and \
         hasattr(records, "data_source")
-    texts = grain.MapDataset.source(kept.indices).map(
-        TextOf(records, source.text_field, clean, plain))
+    texts = grain.MapDataset.source(CleanTexts(records, kept.indices, source.text_field, clean,
+                                               plain))
     return texts, kept
 
 

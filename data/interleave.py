@@ -37,6 +37,7 @@ class _InterleaveIterator(grain.DatasetIterator):
     def __init__(self, docs: grain.MapDataset, make: Callable[[Any], list], cycle_length: int):
         super().__init__()
         self._docs, self._make, self._cycle_length = docs, make, cycle_length
+        self._num_docs = len(docs)  # (a MapDataset's len walks its whole chain)
         self._next_doc = 0          # next document to open
         self._turn = 0              # slot whose turn it is
         # per slot: document index, position in its examples, the examples
@@ -45,7 +46,7 @@ class _InterleaveIterator(grain.DatasetIterator):
         self._examples: list[list] = []
 
     def _open(self) -> tuple[int, list] | None:
-        while self._next_doc < len(self._docs):
+        while self._next_doc < self._num_docs:
             index = self._next_doc
             self._next_doc += 1
             examples = self._make(self._docs[index])

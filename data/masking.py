@@ -78,18 +78,9 @@ def word_ids(ids: np.ndarray, vocab: Vocab) -> np.ndarray:
     return np.cumsum(starts) - 1
 
 
-def select(ids: np.ndarray, vocab: Vocab, rate: float, whole_word: bool,
-           rng: np.random.Generator) -> np.ndarray:
-    """[n] bool: the tokens to predict, round(rate * text tokens) of them (at least one)."""
-    maskable = ~vocab.special[ids]
-    n_text = int(maskable.sum())
-    selected = np.zeros(len(ids), bool)
-    if n_text == 0:
-        return selected
-    budget = max(1, int(round(rate * n_text)))
-    if not whole_word:
-        selected[rng.choice(np.flatnonzero(maskable), budget, replace=False)] = True
-        return selected
+def _whole_words(ids: np.ndarray, maskable: np.ndarray, budget: int, vocab: Vocab,
+                 rng: np.random.Generator) -> np.ndarray:
+    """[n] bool: whole words in random order, each taken if it fits what is left of `budget`."""
     words = np.where(maskable, word_ids(ids, vocab), -1)
     word_list, sizes = np.unique(words[maskable], return_counts=True)
     chosen, total = [], 0
@@ -99,29 +90,46 @@ def select(ids: np.ndarray, vocab: Vocab, rate: float, whole_word: bool,
             total += sizes[k]
             if total == budget:
                 break
-    selected[np.isin(words, chosen) & maskable] = True
-    return selected
+    return np.isin(words, chosen) & maskable
 
 
-def corrupt(ids: np.ndarray, selected: np.ndarray, vocab: Vocab, cfg: MaskConfig,
+def select(ids_NxL: np.ndarray, vocab: Vocab, rate: float, whole_word: bool,
+           rng: np.random.Generator) -> np.ndarray:
+    """[N, L] bool: the tokens of each row to predict, round(rate * its text tokens) of them
+    (at least one), never a special piece."""
+    maskable = ~vocab.special[ids_NxL]
+    n_text = maskable.sum(axis=1)
+    budget = np.where(n_text > 0, np.maximum(1, np.rint(rate * n_text)), 0).astype(int)
+    if whole_word:
+        return np.stack([_whole_words(ids, m, b, vocab, rng)
+                         for ids, m, b in zip(ids_NxL, maskable, budget)])
+    keys = rng.random(ids_NxL.shape)            # the `budget` smallest keys of text tokens
+    keys[~maskable] = 2.0
+    kth = np.sort(keys, axis=1)[np.arange(len(keys)), np.maximum(budget - 1, 0)]
+    return (keys <= kth[:, None]) & maskable & (budget[:, None] > 0)
+
+
+def corrupt(ids_NxL: np.ndarray, selected_NxL: np.ndarray, vocab: Vocab, cfg: MaskConfig,
             rng: np.random.Generator) -> np.ndarray:
     """Inputs: selected tokens -> [MASK] / random piece / unchanged (mask/random/keep split)."""
-    u = rng.random(len(ids))
-    to_mask = selected & (u < cfg.mask_fraction)
-    to_random = selected & (u >= cfg.mask_fraction) & \
-        (u < cfg.mask_fraction + cfg.random_fraction)
-    inputs = ids.copy()
-    inputs[to_mask] = vocab.mask_id
-    inputs[to_random] = rng.choice(vocab.random_ids, int(to_random.sum()))
+    where = np.flatnonzero(selected_NxL)
+    u = rng.random(len(where), dtype=np.float32)
+    replaced = where[(u >= cfg.mask_fraction) & (u < cfg.mask_fraction + cfg.random_fraction)]
+    inputs = ids_NxL.copy()
+    flat = inputs.reshape(-1)
+    flat[where[u < cfg.mask_fraction]] = vocab.mask_id
+    flat[replaced] = vocab.random_ids[rng.integers(len(vocab.random_ids), size=len(replaced))]
     return inputs
 
 
-def masked_example(ids: np.ndarray, type_ids: np.ndarray, epoch: int, vocab: Vocab,
-                   cfg: MaskConfig, rng: np.random.Generator) -> Example:
-    selected = select(ids, vocab, cfg.rate, cfg.whole_word, rng)
-    return {"inputs": corrupt(ids, selected, vocab, cfg, rng), "targets": ids,
-            "weights": selected.astype(np.float32), "type_ids": type_ids.astype(np.int32),
-            "epoch": epoch}
+def masked_examples(ids_NxL: np.ndarray, type_ids_NxL: np.ndarray, epoch: int, vocab: Vocab,
+                    cfg: MaskConfig, rng: np.random.Generator) -> list[Example]:
+    """Rows of equal length -> masked examples (see the module docstring)."""
+    selected = select(ids_NxL, vocab, cfg.rate, cfg.whole_word, rng)
+    inputs = corrupt(ids_NxL, selected, vocab, cfg, rng)
+    weights = selected.astype(np.float32)
+    return [{"inputs": x, "targets": y, "weights": w, "type_ids": t, "epoch": epoch}
+            for x, y, w, t in zip(inputs, ids_NxL, weights, type_ids_NxL.astype(np.int32))]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -139,12 +147,18 @@ class MlmExamples:
         if self.cfg.sentence_pairs != "none":
             return self._pairs(doc, rng)
         ids = self.tokenizer.encode_array(doc.text)
+        size = self.seq_len - 2
+        full = len(ids) // size             # the full pieces are masked together
+        parts = [ids[:full * size].reshape(full, size)] if full else []
+        if len(ids) > full * size or not len(ids):
+            parts.append(ids[full * size:][None])
         examples = []
-        for start in range(0, max(len(ids), 1), self.seq_len - 2):
-            piece = np.concatenate([[self.vocab.cls_id], ids[start:start + self.seq_len - 2],
-                                    [self.vocab.sep_id]]).astype(np.int32)
-            examples.append(masked_example(piece, np.zeros_like(piece), doc.epoch, self.vocab,
-                                           self.cfg, rng))
+        for pieces in parts:
+            rows = len(pieces)
+            framed = np.hstack([np.full((rows, 1), self.vocab.cls_id), pieces,
+                                np.full((rows, 1), self.vocab.sep_id)]).astype(np.int32)
+            examples += masked_examples(framed, np.zeros_like(framed), doc.epoch, self.vocab,
+                                        self.cfg, rng)
         return examples
 
     def _pairs(self, doc: Doc, rng: np.random.Generator) -> list[Example]:
@@ -156,7 +170,8 @@ class MlmExamples:
             ids = np.concatenate([[self.vocab.cls_id], a, [self.vocab.sep_id], b,
                                   [self.vocab.sep_id]]).astype(np.int32)
             type_ids = (np.arange(len(ids)) > len(a) + 1).astype(np.int32)
-            example = masked_example(ids, type_ids, doc.epoch, self.vocab, self.cfg, rng)
+            [example] = masked_examples(ids[None], type_ids[None], doc.epoch, self.vocab,
+                                        self.cfg, rng)
             examples.append(example | {"pair_labels": np.int32(label),
                                        "pair_weights": np.float32(1.0)})
         return examples

@@ -131,7 +131,10 @@ class _PackIterator(grain.DatasetIterator):
         self._split = split
         self._layout = [(length, tuple(keys), f"{prefix}segment_ids", f"{prefix}positions")
                         for prefix, (length, keys) in streams.items()]
-        self._arange = np.arange(max(length for length, *_ in self._layout), dtype=np.int32)
+        longest = max(length for length, *_ in self._layout)
+        self._arange = np.arange(longest, dtype=np.int32)
+        self._ones = np.ones(longest, np.int32)
+        self._arange.flags.writeable = self._ones.flags.writeable = False   # shared by rows
         self._pending: list | None = None      # [parent state before it, example, offset]
         self._exhausted = False
 
@@ -151,6 +154,10 @@ class _PackIterator(grain.DatasetIterator):
         while (pending := self._peek()) is not None:
             _, example, offset = pending
             sizes = [len(example[keys[0]]) - offset for _, keys, _, _ in layout]
+            if segment == 0 and offset == 0 and all(
+                    n == length for n, (length, *_) in zip(sizes, layout)):
+                self._pending = None           # fills the row exactly: no copies
+                return self._whole(example)
             if all(n <= length - f for n, (length, *_), f in zip(sizes, layout, fill)):
                 take, self._pending = sizes, None
             elif self._split and fill[0] < layout[0][0]:
@@ -180,6 +187,13 @@ class _PackIterator(grain.DatasetIterator):
         if segment == 0:
             raise StopIteration
         row["epoch"] = np.int32(epoch)
+        return row
+
+    def _whole(self, example: Example) -> Example:
+        row = {"epoch": np.int32(example["epoch"])}
+        for length, keys, segment_key, position_key in self._layout:
+            row.update({key: example[key] for key in keys})
+            row[segment_key], row[position_key] = self._ones[:length], self._arange[:length]
         return row
 
     def get_state(self) -> dict[str, Any]:

@@ -54,37 +54,63 @@ def chunk_and_target_lengths(inputs_length: int, cfg: SpanConfig) -> tuple[int, 
     return tokens, _lengths_after(tokens, cfg)[1]
 
 
-def _segment_lengths(items: int, segments: int, rng: np.random.Generator) -> np.ndarray:
-    """`items` cut into `segments` non-empty runs at random; their lengths."""
-    first = np.zeros(items, bool)
-    first[1:] = rng.permutation(np.arange(items - 1) < segments - 1)
-    return np.bincount(np.cumsum(first), minlength=segments)
+def _segment_lengths(rows: int, items: int, segments: int,
+                     rng: np.random.Generator) -> np.ndarray:
+    """[rows, segments]: `items` cut into `segments` non-empty runs at random, for each row (a
+    uniformly random set of cut points, as T5's random segmentation)."""
+    if segments == 1:
+        return np.full((rows, 1), items)
+    keys = rng.random((rows, items - 1))
+    cuts = np.sort(np.argpartition(keys, segments - 2, axis=1)[:, :segments - 1], axis=1) + 1
+    bounds = np.concatenate([np.zeros((rows, 1), int), cuts, np.full((rows, 1), items)], axis=1)
+    return np.diff(bounds, axis=1)
 
 
-def noise_mask(length: int, cfg: SpanConfig, rng: np.random.Generator) -> np.ndarray:
-    """[length] bool, True on noise: spans alternate kept/noise, starting with kept tokens and
-    ending with noise, so the number of noise spans is exactly `_lengths_after(...)[2]`."""
+def span_lengths(rows: int, length: int, cfg: SpanConfig,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """[rows, spans] lengths of the kept runs and of the noise spans of `rows` chunks of
+    `length` tokens. Runs alternate kept/noise, starting with kept tokens and ending with noise;
+    the number of noise spans is `_lengths_after(length)[2]`."""
     _, _, spans = _lengths_after(length, cfg)
     noise = min(max(int(round(length * cfg.noise_density)), 1), length - 1)
     spans = min(spans, noise, length - noise)
-    runs = np.stack([_segment_lengths(length - noise, spans, rng),
-                     _segment_lengths(noise, spans, rng)], axis=1).reshape(-1)
-    return np.repeat(np.arange(len(runs)) % 2 == 1, runs)
+    return (_segment_lengths(rows, length - noise, spans, rng),
+            _segment_lengths(rows, noise, spans, rng))
 
 
-def corrupt(ids: np.ndarray, noise: np.ndarray, sentinels: np.ndarray) -> tuple[np.ndarray,
-                                                                                   np.ndarray]:
-    """(inputs, targets) without EOS: each noise span -> its sentinel in the inputs, and the
-    sentinel followed by the span's tokens in the targets."""
-    starts = noise & ~np.concatenate([[False], noise[:-1]])
-    span_k = np.cumsum(starts) - 1                  # span number of each noise token
-    if starts.sum() > len(sentinels):
-        raise DataError(f"a chunk needs {starts.sum()} sentinels but the tokenizer has "
+def noise_mask(keep_NxK: np.ndarray, noise_NxK: np.ndarray) -> np.ndarray:
+    """[rows, length] bool, True on noise, from the run lengths of `span_lengths`."""
+    rows, spans = keep_NxK.shape
+    runs = np.stack([keep_NxK, noise_NxK], axis=2).reshape(-1)
+    return np.repeat(np.tile([False, True], rows * spans), runs).reshape(rows, -1)
+
+
+def _with_sentinels(values_NxM: np.ndarray, at_NxK: np.ndarray,
+                    sentinels: np.ndarray) -> np.ndarray:
+    """Rows of `values` with sentinel k placed before column at[:, k] of each row."""
+    rows, spans = at_NxK.shape
+    out = np.empty((rows, values_NxM.shape[1] + spans), np.int32)
+    marks = np.zeros(out.shape, bool)
+    np.put_along_axis(marks, at_NxK + np.arange(spans), True, axis=1)
+    out[marks] = np.tile(sentinels[:spans], rows)
+    out[~marks] = values_NxM.ravel()
+    return out
+
+
+def corrupt(ids_NxL: np.ndarray, keep_NxK: np.ndarray, noise_NxK: np.ndarray,
+            sentinels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, targets) of each row, without EOS: noise span k -> sentinel k in the inputs,
+    and sentinel k followed by the span's tokens in the targets."""
+    rows, spans = keep_NxK.shape
+    if spans > len(sentinels):
+        raise DataError(f"a chunk needs {spans} sentinels but the tokenizer has "
                         f"{len(sentinels)}; lower data.seq_len or raise data.spans.mean_length")
-    inputs = np.where(starts, sentinels[np.maximum(span_k, 0)], ids)[~noise | starts]
-    marks = np.flatnonzero(starts[noise])             # span starts among the noise tokens
-    targets = np.insert(ids[noise], marks, sentinels[:len(marks)]).astype(np.int32)
-    return inputs.astype(np.int32), targets
+    noise = noise_mask(keep_NxK, noise_NxK)
+    kept = ids_NxL[~noise].reshape(rows, -1)
+    hidden = ids_NxL[noise].reshape(rows, -1)
+    inputs = _with_sentinels(kept, np.cumsum(keep_NxK, axis=1), sentinels)
+    targets = _with_sentinels(hidden, np.cumsum(noise_NxK, axis=1) - noise_NxK, sentinels)
+    return inputs, targets
 
 
 def reconstruct(inputs: np.ndarray, targets: np.ndarray, sentinels: np.ndarray) -> np.ndarray:
@@ -116,14 +142,21 @@ class SpanCorruptionExamples:
     def __call__(self, doc: Doc) -> list[Example]:
         rng = doc.rng()
         ids = self.tokenizer.encode_array(doc.text)
+        full = len(ids) // self.chunk_len    # the full chunks are corrupted together
+        parts = [ids[:full * self.chunk_len].reshape(full, self.chunk_len)] if full else []
+        if len(ids) - full * self.chunk_len >= 2:
+            parts.append(ids[full * self.chunk_len:][None])
         examples = []
-        for start in range(0, len(ids), self.chunk_len):
-            chunk = ids[start:start + self.chunk_len]
-            if len(chunk) < 2:
-                continue
-            inputs, targets = corrupt(chunk, noise_mask(len(chunk), self.cfg, rng),
-                                      self.sentinels)
-            examples.append(encoder_decoder_example(inputs, targets, doc.epoch))
+        for chunks in parts:
+            keep, noise = span_lengths(len(chunks), chunks.shape[1], self.cfg, rng)
+            inputs, targets = corrupt(chunks, keep, noise, self.sentinels)
+            eos = np.full((len(chunks), 1), EOS, np.int32)
+            inputs, targets = np.hstack([inputs, eos]), np.hstack([targets, eos])
+            shifted = np.hstack([np.full_like(eos, BOS), targets[:, :-1]])
+            weights = np.ones(targets.shape, np.float32)
+            examples += [{"encoder_inputs": x, "decoder_targets": y, "decoder_inputs": d,
+                          "decoder_weights": w, "epoch": doc.epoch}
+                         for x, y, d, w in zip(inputs, targets, shifted, weights)]
         return examples
 
 
