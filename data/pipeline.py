@@ -93,11 +93,6 @@ class _Partner:
         return text
 
 
-def _examples(docs: grain.MapDataset, make: Callable[[Doc], list],
-              cycle_length: int) -> grain.IterDataset:
-    return InterleaveExamples(docs, make, cycle_length)
-
-
 def target_length(data_cfg: Mapping[str, Any], objective: str) -> int:
     """Decoder length S of the encoder-decoder objectives (data.target_len, or derived)."""
     seq_len, configured = data_cfg["seq_len"], data_cfg["target_len"]
@@ -113,7 +108,7 @@ def target_length(data_cfg: Mapping[str, Any], objective: str) -> int:
 
 def _clm_rows(docs, partners, tokenizer, data_cfg, cycle_length):
     seq_len = data_cfg["seq_len"]
-    pieces = _examples(docs, packing.ClmExamples(tokenizer, seq_len), cycle_length)
+    pieces = InterleaveExamples(docs, packing.ClmExamples(tokenizer, seq_len), cycle_length)
     return packing.clm_rows(pieces, seq_len, packing=data_cfg["packing"])
 
 
@@ -122,7 +117,7 @@ def _mlm_rows(docs, partners, tokenizer, data_cfg, cycle_length):
     seq_len = data_cfg["seq_len"]
     make = masking.MlmExamples(tokenizer, masking.Vocab.of(tokenizer), cfg, seq_len,
                                _Partner(partners))
-    return masking.mlm_rows(_examples(docs, make, cycle_length), seq_len,
+    return masking.mlm_rows(InterleaveExamples(docs, make, cycle_length), seq_len,
                             packing_rows=data_cfg["packing"], pairs=cfg.sentence_pairs != "none")
 
 
@@ -132,15 +127,16 @@ def _span_corruption_rows(docs, partners, tokenizer, data_cfg, cycle_length):
     make = span_corruption.SpanCorruptionExamples(
         tokenizer, cfg, chunk_len, span_corruption.sentinel_ids(tokenizer, chunk_len, cfg))
     return span_corruption.encoder_decoder_rows(
-        _examples(docs, make, cycle_length), data_cfg["seq_len"],
+        InterleaveExamples(docs, make, cycle_length), data_cfg["seq_len"],
         target_length(data_cfg, "span_corruption"), packing_rows=data_cfg["packing"])
 
 
 def _prefix_lm_rows(docs, partners, tokenizer, data_cfg, cycle_length):
     seq_len, target_len = data_cfg["seq_len"], target_length(data_cfg, "prefix_lm")
     make = span_corruption.PrefixLmExamples(tokenizer, seq_len, target_len)
-    return span_corruption.encoder_decoder_rows(_examples(docs, make, cycle_length), seq_len,
-                                                target_len, packing_rows=data_cfg["packing"])
+    return span_corruption.encoder_decoder_rows(
+        InterleaveExamples(docs, make, cycle_length), seq_len, target_len,
+        packing_rows=data_cfg["packing"])
 
 
 # objective -> (its documents, partner documents, tokenizer, data config, interleave) -> rows

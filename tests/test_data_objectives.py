@@ -3,11 +3,13 @@ transform measured on real text (pydoc topics): MLM 15% / 80-10-10, whole words,
 pairs, span corruption density, span length, sentinels and exact reconstruction, prefix-LM."""
 import dataclasses
 
+import grain
 import numpy as np
 import pytest
 
 from data import masking, pipeline, sentence_pairs, span_corruption
 from data.packing import Doc
+from data.sources import DataError
 from data.tokenizer import CLS, MASK, SEP, Tokenizer
 
 INT, FLOAT = np.int32, np.float32
@@ -145,7 +147,7 @@ def _pair_texts(tokenizer, example):
 @pytest.mark.parametrize("mode", ["nsp", "sop"])
 def test_sentence_pairs_are_true_next_or_random_or_swapped(tokenizer, topics, mode):
     docs = [t for t in topics if len(t) > 2000]
-    partner = pipeline._Partner(__import__("grain").MapDataset.source(docs))
+    partner = pipeline._Partner(grain.MapDataset.source(docs))
     cfg = masking.MaskConfig(sentence_pairs=mode)
     make = masking.MlmExamples(tokenizer, masking.Vocab.of(tokenizer), cfg, 96, partner)
     labels, foreign = [], []
@@ -261,12 +263,12 @@ def test_electra_gets_generator_inputs_with_its_own_replacement_split(config, to
 def test_masking_settings_are_checked(config, tokenizer):
     for key, value in [("rate", 0.0), ("mask_fraction", 0.95), ("sentence_pairs", "both")]:
         bad = dataclasses.replace(masking.MaskConfig(), **{key: value})
-        with pytest.raises(Exception, match=f"data.mlm"):
+        with pytest.raises(DataError, match=f"data.mlm.{key}"):
             masking.MaskConfig.from_mapping(dataclasses.asdict(bad))
     config.data.update(target_len=4)
-    with pytest.raises(Exception, match="data.target_len=4 is too short"):
+    with pytest.raises(DataError, match="data.target_len=4 is too short"):
         pipeline.local_batches(config.data, tokenizer, "train", objective="span_corruption",
                                local_batch=4, shuffle=False, num_epochs=None)
-    with pytest.raises(Exception, match="has no data pipeline"):
+    with pytest.raises(DataError, match="has no data pipeline"):
         pipeline.local_batches(config.data, tokenizer, "train", objective="dpo",
                                local_batch=4, shuffle=False, num_epochs=None)

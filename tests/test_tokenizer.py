@@ -1,6 +1,7 @@
 """The sentencepiece vocabulary: `python -m data.tokenizer train` on English and Chinese,
 character coverage, chunked encoding, and a run that would switch vocabularies failing."""
 import glob
+import json
 import shutil
 import subprocess
 import sys
@@ -64,7 +65,7 @@ def test_cli_trains_on_chinese_and_english(bilingual, tmp_path, coverage, capsys
 def test_cli_trains_bpe_and_refuses_bad_input(tmp_path, capsys):
     from pydoc_data.topics import topics
     (tmp_path / "docs.jsonl").write_text("".join(
-        '{"body": %s}\n' % __import__("json").dumps(topics[k]) for k in sorted(topics)[:20]))
+        json.dumps({"body": topics[k]}) + "\n" for k in sorted(topics)[:20]))
     tokenizer_lib.main(["train", "--input", str(tmp_path / "docs.jsonl"), "--vocab-size", "600",
                         "--model-type", "bpe", "--out", str(tmp_path), "--text-field", "body"])
     bpe = Tokenizer.load(tmp_path / "tokenizer.model")
@@ -83,9 +84,8 @@ def test_cli_trains_bpe_and_refuses_bad_input(tmp_path, capsys):
 
 def test_long_texts_encode_in_chunks_to_the_same_ids(tokenizer_path, monkeypatch):
     import inspect
-    import json as module
     tok = Tokenizer.load(tokenizer_path)
-    source = inspect.getsource(module.decoder) * 4
+    source = inspect.getsource(json.decoder) * 4
     whole = tok.encode_array(source)
     monkeypatch.setattr(tokenizer_lib, "ENCODE_CHUNK_CHARS", 500)
     chunked = tok.encode_array(source)
