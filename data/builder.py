@@ -1,4 +1,5 @@
-"""A tensorflow-datasets builder over local documents, prepared once to ArrayRecord.
+"""A tensorflow-datasets builder over local documents, prepared once to ArrayRecord, and reading
+any prepared tfds split as cleaned text.
 
 Reading goes through `tfds` data sources (random access, no TensorFlow), which grain consumes.
 The builder config name is a fingerprint of the inputs, so a changed corpus is prepared anew
@@ -10,14 +11,20 @@ import dataclasses
 import hashlib
 import logging
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
+import grain
+import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
+from tensorflow_datasets.proto import tf_example_pb2
 
-from data import sources
+from data import cleaning, sources
+from data.mixture import Source
 from data.sources import DataError
 
 SPLITS = ("train", "validation")
+log = logging.getLogger("loom.data")
 
 
 @dataclasses.dataclass(eq=False)
@@ -30,10 +37,11 @@ class CorpusConfig(tfds.core.BuilderConfig):
 
 
 class LocalCorpus(tfds.core.GeneratorBasedBuilder):
-    """Documents from `data.sources`, split into train/validation by a hash of each key."""
+    """Documents from `data.sources`, split into train/validation by a hash of their content."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Local documents, split by key hash."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Local documents, split by key hash.",
+                     "1.1.0": "Split by content hash; empty documents kept (cleaning drops them)."}
     BUILDER_CONFIGS = [CorpusConfig(name="default")]
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -53,13 +61,17 @@ class LocalCorpus(tfds.core.GeneratorBasedBuilder):
         for i, (key, text) in enumerate(_documents(cfg)):
             if cfg.max_docs and i >= cfg.max_docs:
                 break
-            if in_validation(key, cfg.validation_percent) == (split == "validation"):
+            # blank documents (dropped later by cleaning, and counted) split by name instead
+            basis = text if text.strip() else key
+            if in_validation(basis, cfg.validation_percent) == (split == "validation"):
                 yield key, {"key": key, "text": text}
 
 
-def in_validation(key: str, percent: float) -> bool:
-    """Deterministic document-level split: a key's hash decides, independent of file order."""
-    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") % 10_000
+def in_validation(text: str, percent: float) -> bool:
+    """Deterministic document-level split by content (whitespace-insensitive), so copies of a
+    document always land in the same split and never leak from train into validation."""
+    canonical = " ".join(text.split()).encode("utf-8", "surrogatepass")
+    bucket = int.from_bytes(hashlib.sha256(canonical).digest()[:8], "little") % 10_000
     return bucket < percent * 100
 
 
@@ -69,23 +81,22 @@ def _documents(cfg: CorpusConfig):
     return sources.text_files(cfg.paths, cfg.text_field)
 
 
-def corpus_config(data_cfg: Mapping[str, Any]) -> CorpusConfig:
-    """The builder config for a local `data` section, named by a fingerprint of its inputs."""
-    source = data_cfg["source"]
-    paths = tuple(data_cfg["paths"])
-    if source == "python_stdlib":
+def corpus_config(source: Source, data_cfg: Mapping[str, Any]) -> CorpusConfig:
+    """The builder config of a local source, named by a fingerprint of its inputs."""
+    if source.kind == "python_stdlib":
         fingerprint = sources.python_stdlib_fingerprint()
     else:
-        if not paths:
+        if not source.paths:
             raise DataError("data.source=text_files needs data.paths (globs of text files)")
-        if not sources.expand(paths):
-            raise DataError(f"data.paths {list(paths)} match no files; check the paths or globs")
-        fingerprint = sources.files_fingerprint(paths)
-    spec = (source, paths, data_cfg["text_field"], float(data_cfg["validation_percent"]),
-            int(data_cfg["max_docs"]), fingerprint)
+        if not sources.expand(source.paths):
+            raise DataError(f"data.paths {list(source.paths)} match no files; check the paths "
+                            "or globs")
+        fingerprint = sources.files_fingerprint(source.paths)
+    spec = (source.kind, source.paths, source.text_field,
+            float(data_cfg["validation_percent"]), int(data_cfg["max_docs"]), fingerprint)
     digest = hashlib.sha256(repr(spec).encode()).hexdigest()[:12]
-    return CorpusConfig(name=f"{source}_{digest}", source=source, paths=paths,
-                        text_field=data_cfg["text_field"],
+    return CorpusConfig(name=f"{source.kind}_{digest}", source=source.kind, paths=source.paths,
+                        text_field=source.text_field,
                         validation_percent=float(data_cfg["validation_percent"]),
                         max_docs=int(data_cfg["max_docs"]))
 
@@ -94,30 +105,35 @@ def data_dir(data_cfg: Mapping[str, Any]) -> str | None:
     return os.path.expanduser(data_cfg["data_dir"]) if data_cfg["data_dir"] else None
 
 
-def prepare(data_cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
-    """The prepared builder for `data_cfg` (a local corpus or a tfds dataset already prepared)."""
+def prepare(source: Source, data_cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
+    """The prepared builder of `source` (a local corpus, prepared here on first use, or a tfds
+    dataset already prepared in data.data_dir)."""
     tfds.disable_progress_bar()
-    if data_cfg["source"] == "tfds":
-        return _prepared_tfds(data_cfg)
-    builder = LocalCorpus(config=corpus_config(data_cfg), data_dir=data_dir(data_cfg),
+    if source.kind == "tfds":
+        return prepared_tfds(source.tfds_name, data_dir(data_cfg))
+    builder = LocalCorpus(config=corpus_config(source, data_cfg), data_dir=data_dir(data_cfg),
                           file_format="array_record")
     if not builder.is_prepared():
-        logging.info("preparing %s in %s", builder.builder_config.name, builder.data_dir)
-        builder.download_and_prepare()
+        log.info("preparing %s in %s", builder.builder_config.name, builder.data_dir)
+        try:
+            builder.download_and_prepare()
+        except AssertionError as e:   # tfds refuses to write a split without examples
+            raise DataError(f"{source.name}: {e}; the corpus needs more documents, or a "
+                            "different data.validation_percent") from None
     for split in SPLITS:
         if builder.info.splits[split].num_examples == 0:
             raise DataError(
-                f"the {split} split of {builder.builder_config.name} is empty; the corpus needs "
-                f"more documents, or a different data.validation_percent")
+                f"the {split} split of {source.name} is empty; the corpus needs more documents, "
+                "or a different data.validation_percent")
     return builder
 
 
-def _prepared_tfds(data_cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
-    name = data_cfg["tfds_name"]
+def prepared_tfds(name: str, directory: str | None) -> tfds.core.DatasetBuilder:
+    """A tfds dataset already prepared in `directory` (Loom never downloads at run time)."""
     if not name:
         raise DataError("data.source=tfds needs data.tfds_name (e.g. lm1b, c4/en:3.1.0)")
     try:
-        builder = tfds.builder(name, data_dir=data_dir(data_cfg))
+        builder = tfds.builder(name, data_dir=directory)
     except Exception as e:  # tfds raises several types for unknown names
         raise DataError(f"tfds dataset {name!r} cannot be loaded: {e}") from None
     if not builder.is_prepared():
@@ -128,12 +144,76 @@ def _prepared_tfds(data_cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
 
 def data_source(builder: tfds.core.DatasetBuilder, split: str, text_field: str) -> Sequence:
     """Random-access source of one split, read from ArrayRecord without TensorFlow."""
-    try:
-        source = builder.as_data_source(split=split)
-    except Exception as e:
-        raise DataError(f"split {split!r} of {builder.name}: {e}") from None
     features = builder.info.features
     if text_field not in features:
         raise DataError(f"{builder.name} has no feature {text_field!r} (data.text_field); its "
                         f"features are {sorted(features.keys())}")
-    return source
+    try:
+        return builder.as_data_source(split=split)
+    except Exception as e:
+        raise DataError(f"split {split!r} of {builder.name}: {e}") from None
+
+
+def as_text(record: Mapping[str, Any], field: str) -> str:
+    value = record[field]
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+@dataclasses.dataclass
+class CleanTexts:
+    """Random-access cleaned texts of the kept records of a split; picklable, since grain's
+    workers receive the pipeline by pickle.
+
+    A `Text` feature is read straight from the record's tf.Example proto: tfds' general
+    deserialisation costs more than cleaning the text.
+    """
+    records: Any     # a tfds ArrayRecord data source
+    indices: np.ndarray
+    field: str
+    clean: cleaning.CleanConfig
+    plain_text: bool
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> str:
+        index = int(self.indices[i])
+        if self.plain_text:
+            record = tf_example_pb2.Example.FromString(self.records.data_source[index])
+            text = record.features.feature[self.field].bytes_list.value[0].decode(
+                "utf-8", errors="replace")
+        else:
+            text = as_text(self.records[index], self.field)
+        return self.clean.text(text)
+
+
+def read_split(source: Source, data_cfg: Mapping[str, Any], split: str,
+               clean: cleaning.CleanConfig) -> tuple[grain.MapDataset, cleaning.Kept]:
+    """The split's cleaned documents (random access, storage order) and what cleaning dropped;
+    drops are reported, and a split with nothing left is an error."""
+    prepared = prepare(source, data_cfg)
+    records = data_source(prepared, split, source.text_field)
+    name = f"{source.name} [{split}]"
+    slug = hashlib.sha256(f"{prepared.info.full_name}:{split}".encode()).hexdigest()[:12]
+
+    def read(indices: Sequence[int]) -> list[str]:
+        return [as_text(r, source.text_field) for r in records.__getitems__(list(indices))]
+
+    cache = epath.Path(prepared.data_dir) / "loom_clean" / slug
+    kept = cleaning.kept_documents(read, len(records), clean, cache, name)
+    cleaning.check_not_empty(kept, name)
+    if kept.counts["kept"] < kept.counts["documents"]:
+        log.warning("%s", kept.report(name))
+    plain = isinstance(prepared.info.features[source.text_field], tfds.features.Text) and \
+        hasattr(records, "data_source")
+    texts = grain.MapDataset.source(CleanTexts(records, kept.indices, source.text_field, clean,
+                                               plain))
+    return texts, kept
+
+
+def tfds_texts(name: str, split: str, text_field: str, directory: str | None,
+               seed: int = 0) -> Iterator[str]:
+    """The texts of a prepared tfds split in a seeded random order (a tokenizer's sample)."""
+    records = data_source(prepared_tfds(name, directory), split, text_field)
+    order = grain.MapDataset.range(len(records)).shuffle(seed=seed)
+    return (as_text(records[int(i)], text_field) for i in order)

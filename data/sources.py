@@ -63,7 +63,10 @@ def expand(patterns: Sequence[str]) -> list[str]:
 
 
 def text_files(patterns: Sequence[str], text_field: str = "text") -> Iterator[Document]:
-    """Each plain file is one document; each line of a `.jsonl` file is one, from `text_field`."""
+    """Each plain file is one document; each line of a `.jsonl` file is one, from `text_field`.
+
+    Empty documents are yielded too: cleaning drops them and counts them (data/cleaning.py).
+    """
     files = expand(patterns)
     if not files:
         raise DataError(f"data.paths {list(patterns)} match no files; check the paths or globs")
@@ -74,14 +77,23 @@ def text_files(patterns: Sequence[str], text_field: str = "text") -> Iterator[Do
         try:
             text = Path(name).read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"{name} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
-        if text.strip():
-            yield name, text
+            raise _not_utf8(name, e) from None
+        yield name, text
+
+
+def _not_utf8(name: str, e: UnicodeDecodeError) -> DataError:
+    return DataError(f"{name} is not valid UTF-8 ({e.reason} at byte {e.start}); re-encode it "
+                     "(e.g. iconv -t UTF-8) or leave it out of data.paths")
 
 
 def _jsonl(name: str, text_field: str) -> Iterator[Document]:
-    with open(name, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    with open(name, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{name}:{i} is not valid UTF-8 ({e.reason} at byte {e.start} "
+                                "of the line); re-encode the file") from None
             if not line.strip():
                 continue
             try:
@@ -92,8 +104,7 @@ def _jsonl(name: str, text_field: str) -> Iterator[Document]:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise DataError(f"{name}:{i} has no field {text_field!r} (data.text_field); "
                                 f"its fields are {keys}")
-            if str(record[text_field]).strip():
-                yield f"{name}:{i}", str(record[text_field])
+            yield f"{name}:{i}", str(record[text_field])
 
 
 def files_fingerprint(patterns: Sequence[str]) -> str:

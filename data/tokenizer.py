@@ -1,23 +1,38 @@
-"""SentencePiece vocabularies: training one on a corpus sample, loading, and checking identity.
+"""SentencePiece vocabularies: training one on a corpus sample, loading, encoding, identity.
 
 Ids 0-3 are <pad>, <unk>, <s> (BOS), </s> (EOS); then "\\n" (so code keeps its lines in one
-piece), [MASK], [CLS], [SEP] and T5 sentinels <extra_id_0..>, which every objective can share.
-Text is kept byte-exact (identity normalisation, no whitespace folding, byte fallback).
+piece), then the control pieces every objective can share: [MASK], [CLS], [SEP] and the T5
+sentinels <extra_id_0..>. Control pieces are never produced from text, so a document that
+literally contains "[MASK]" or "<extra_id_0>" cannot fake one. Text is kept byte-exact
+(identity normalisation, no whitespace folding, no dummy prefix, byte fallback), which also
+makes encoding concatenative at line breaks: long documents are encoded in chunks.
+
+    python -m data.tokenizer train --input 'docs/**/*.txt' --vocab-size 8192 \\
+        --model-type unigram --out runs/vocab [--character-coverage 1.0 for CJK]
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import os
+import sys
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import sentencepiece as spm
 
 from data.sources import DataError
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
-SPECIAL_PIECES = ("\n", "[MASK]", "[CLS]", "[SEP]")
+NEWLINE = "\n"
+MASK, CLS, SEP = "[MASK]", "[CLS]", "[SEP]"
+NUM_SENTINELS = 100
+CONTROL_PIECES = (MASK, CLS, SEP) + tuple(f"<extra_id_{i}>" for i in range(NUM_SENTINELS))
+WORD_START = "\u2581"           # sentencepiece's visible space, first char of a word's piece
+ENCODE_CHUNK_CHARS = 1 << 20    # longer texts are encoded line-aligned chunks at a time
+MODEL_FILE = "tokenizer.model"
 
 
 class Tokenizer:
@@ -63,11 +78,33 @@ class Tokenizer:
         """Id of a special piece; an error if this vocabulary does not have it."""
         i = self._sp.piece_to_id(piece)
         if i == UNK and piece != self._sp.id_to_piece(UNK):
-            raise DataError(f"tokenizer {self.source} has no piece {piece!r}")
+            raise DataError(f"tokenizer {self.source} has no piece {piece!r}; train one with "
+                            "`python -m data.tokenizer train` (it adds every special piece)")
         return i
+
+    def sentinels(self, n: int) -> np.ndarray:
+        """Ids of <extra_id_0> .. <extra_id_{n-1}>, in order."""
+        return np.array([self.piece_id(f"<extra_id_{i}>") for i in range(n)], np.int32)
+
+    def special_mask(self) -> np.ndarray:
+        """[vocab] bool: pieces that are not text (pad, bos, eos, [MASK], [CLS], sentinels...)."""
+        return np.array([self._sp.is_control(i) for i in range(self.vocab_size)])
+
+    def word_start_mask(self) -> np.ndarray:
+        """[vocab] bool: pieces that begin a word (start with a space, or are a line break)."""
+        pieces = [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
+        return np.array([p.startswith(WORD_START) or p == NEWLINE for p in pieces])
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """Ids of `text` as int32; a very long text is encoded in line-aligned chunks, which gives
+        the same ids as one call (pieces never cross a line break) in bounded memory."""
+        if len(text) <= ENCODE_CHUNK_CHARS:
+            return self._sp.encode(text, return_type="numpy")
+        return np.concatenate([self._sp.encode(chunk, return_type="numpy")
+                               for chunk in _chunks(text, ENCODE_CHUNK_CHARS)])
 
     def decode(self, ids: Iterable[int]) -> str:
         n = self.vocab_size
@@ -81,11 +118,23 @@ class Tokenizer:
         os.replace(tmp, path)
 
 
+def _chunks(text: str, size: int) -> Iterator[str]:
+    """Consecutive pieces of at most `size` characters of `text`."""
+    start = 0
+    while start < len(text):
+        end = min(start + size, len(text))
+        if end < len(text):        # after a line break, else before a space, else anywhere
+            newline, space = text.rfind(NEWLINE, start, end), text.rfind(" ", start + 1, end)
+            end = newline + 1 if newline >= start else space if space > start else end
+        yield text[start:end]
+        start = end
+
+
 def _lines(texts: Iterable[str], max_chars: int, max_line: int) -> Iterator[str]:
     """Non-empty lines of the first `max_chars` characters of `texts`."""
     seen = 0
     for text in texts:
-        for line in text.split("\n"):
+        for line in text.split(NEWLINE):
             if line.strip() and len(line.encode()) < max_line:
                 yield line
                 seen += len(line)
@@ -94,28 +143,96 @@ def _lines(texts: Iterable[str], max_chars: int, max_line: int) -> Iterator[str]
 
 
 def train(texts: Iterable[str], *, vocab_size: int, model_type: str = "unigram",
-          max_chars: int = 5_000_000, num_sentinels: int = 100,
-          character_coverage: float = 0.9995, num_threads: int | None = None) -> Tokenizer:
-    """Trains a sentencepiece model on a bounded sample of `texts`."""
+          max_chars: int = 5_000_000, character_coverage: float = 0.9995,
+          num_threads: int | None = None) -> Tokenizer:
+    """Trains a sentencepiece model on a bounded sample of `texts`.
+
+    `character_coverage` is the share of characters that get pieces of their own; the rest fall
+    back to bytes. 1.0 keeps every character of a CJK corpus whole; 0.9995 suits alphabets.
+    """
     if model_type not in ("unigram", "bpe"):
         raise DataError(f"tokenizer model_type {model_type!r}: choose unigram or bpe")
-    specials = list(SPECIAL_PIECES) + [f"<extra_id_{i}>" for i in range(num_sentinels)]
-    minimum = 4 + len(specials) + 256 + 16  # ids 0-3, specials, byte fallback, a few pieces
+    if not 0.9 <= character_coverage <= 1.0:
+        raise DataError(f"tokenizer character_coverage={character_coverage} must be in [0.9, 1]")
+    minimum = 4 + 1 + len(CONTROL_PIECES) + 256 + 16  # ids 0-3, specials, bytes, a few pieces
     if vocab_size < minimum:
         raise DataError(f"tokenizer vocab_size {vocab_size} is too small: the special tokens and "
                         f"byte fallback alone need {minimum - 16}; use at least {minimum}")
     max_line = 1 << 14
+    sample = _lines(texts, max_chars, max_line)
+    first = next(sample, None)
+    if first is None:
+        raise DataError("the tokenizer's training sample is empty: the input has no text")
     writer = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_lines(texts, max_chars, max_line), model_writer=writer,
+            sentence_iterator=_prepend(first, sample), model_writer=writer,
             vocab_size=vocab_size, model_type=model_type, byte_fallback=True,
-            pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS, user_defined_symbols=specials,
-            normalization_rule_name="identity", remove_extra_whitespaces=False,
-            split_digits=True, allow_whitespace_only_pieces=True,
-            character_coverage=character_coverage, max_sentence_length=max_line,
-            hard_vocab_limit=False, minloglevel=2,
+            pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS, user_defined_symbols=[NEWLINE],
+            control_symbols=list(CONTROL_PIECES), normalization_rule_name="identity",
+            remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
+            allow_whitespace_only_pieces=True, character_coverage=character_coverage,
+            max_sentence_length=max_line, hard_vocab_limit=False, minloglevel=2,
             num_threads=num_threads or min(16, os.cpu_count() or 1))
     except RuntimeError as e:
         raise DataError(f"training the tokenizer failed: {e}") from None
     return Tokenizer(writer.getvalue(), f"<trained: {model_type}, {vocab_size}>")
+
+
+def _prepend(first: str, rest: Iterator[str]) -> Iterator[str]:
+    yield first
+    yield from rest
+
+
+def input_texts(spec: str, *, text_field: str = "text", data_dir: str | None = None,
+                split: str = "train", seed: int = 0) -> Iterator[str]:
+    """Cleaned documents of `spec` in a seeded random order: a glob of local files, or the name
+    of a tfds dataset prepared in `data_dir`."""
+    from data import builder, cleaning, sources
+    clean = cleaning.CleanConfig()
+    files = sources.expand([spec])
+    if files:
+        order = np.random.default_rng(seed).permutation(len(files))
+        docs = (text for i in order for _, text in sources.text_files([files[i]], text_field))
+    else:
+        try:
+            docs = builder.tfds_texts(spec, split, text_field, data_dir, seed)
+        except DataError as e:
+            raise DataError(f"--input {spec!r} matches no files; as a tfds dataset: {e}") from None
+    return (t for t in map(clean.text, docs) if t.strip())
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m data.tokenizer",
+                                     description="Train a Loom sentencepiece vocabulary.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a vocabulary on a bounded sample of a corpus")
+    p.add_argument("--input", required=True,
+                   help="glob of .txt/.jsonl/source files, or a tfds dataset name in --data-dir")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
+    p.add_argument("--out", required=True, help=f"directory to write {MODEL_FILE} into")
+    p.add_argument("--character-coverage", type=float, default=0.9995,
+                   help="share of characters kept whole (1.0 for CJK); the rest become bytes")
+    p.add_argument("--sample-chars", type=int, default=5_000_000,
+                   help="characters of the corpus to train on")
+    p.add_argument("--text-field", default="text", help=".jsonl field / tfds feature of the text")
+    p.add_argument("--split", default="train", help="tfds split to sample")
+    p.add_argument("--data-dir", default=None, help="tfds data dir of a named dataset")
+    args = parser.parse_args(argv)
+    try:
+        tokenizer = train(input_texts(args.input, text_field=args.text_field,
+                                      data_dir=args.data_dir, split=args.split),
+                          vocab_size=args.vocab_size, model_type=args.model_type,
+                          max_chars=args.sample_chars,
+                          character_coverage=args.character_coverage)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    out = Path(args.out).expanduser() / MODEL_FILE
+    tokenizer.save(out)
+    print(f"wrote {out}: {tokenizer.vocab_size} pieces, fingerprint {tokenizer.fingerprint}")
+
+
+if __name__ == "__main__":
+    main()

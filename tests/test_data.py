@@ -1,10 +1,12 @@
-"""Data: the tfds builder's split, the tokenizer, and the packing invariants on real text."""
+"""Data: the tfds builder's split, the tokenizer, and the causal-LM packing invariants on real
+text. (Other objectives: test_data_objectives.py; sources and bad input: test_data_sources.py;
+resume: test_data_resume.py; tokenizer CLI: test_tokenizer.py; hosts: test_multiprocess.py.)"""
 import json
 
 import numpy as np
 import pytest
 
-from data import builder, pipeline
+from data import builder, mixture, pipeline
 from data.packing import document_pieces
 from data.sources import DataError
 from data.tokenizer import BOS, EOS, Tokenizer
@@ -65,11 +67,15 @@ def test_split_is_deterministic_and_disjoint(config):
     train = pipeline.documents(config.data, "train")
     valid = pipeline.documents(config.data, "validation")
     assert len(valid) > 0 and len(train) > 5 * len(valid)
-    prepared = builder.prepare(config.data)
-    train_keys = {r["key"] for r in builder.data_source(prepared, "train", "text")}
-    valid_keys = {r["key"] for r in builder.data_source(prepared, "validation", "text")}
-    assert not train_keys & valid_keys
-    assert all(builder.in_validation(k.decode(), 10.0) for k in valid_keys)
+    prepared = builder.prepare(mixture.sources(config.data)[0], config.data)
+    train_texts = {r["text"] for r in builder.data_source(prepared, "train", "text")}
+    valid_texts = {r["text"] for r in builder.data_source(prepared, "validation", "text")}
+    assert not train_texts & valid_texts
+    assert all(builder.in_validation(t.decode(), 10.0) for t in valid_texts)
+    assert not any(builder.in_validation(t.decode(), 10.0) for t in train_texts)
+    # the split goes by content: a copy with other whitespace lands on the same side
+    text = next(iter(valid_texts)).decode()
+    assert builder.in_validation("  " + text.replace(" ", "\t") + "\n", 10.0)
 
 
 def test_tokenizer_is_byte_exact_on_code_and_unicode(tokenizer_path):
@@ -93,4 +99,4 @@ def test_jsonl_without_the_text_field_names_file_line_and_field(config, tmp_path
     config.data.update(source="text_files", paths=(str(tmp_path / "*.jsonl"),),
                        data_dir=str(tmp_path / "tfds"))
     with pytest.raises(DataError, match=r"a.jsonl:2 has no field 'text'.*\['body'\]"):
-        builder.prepare(config.data)
+        pipeline.documents(config.data, "train")

@@ -133,6 +133,8 @@ def validate(cfg: ConfigDict) -> None:
     except (ModelConfigError, MeshError) as e:
         raise ConfigError(str(e)) from None
     data, opt, train = cfg.data, cfg.opt, cfg.train
+    from data.pipeline import check_config   # data keys are checked by the code that uses them
+    check_config(data)
     _check(data.source in SOURCES, f"data.source={data.source!r}: choose one of {SOURCES}")
     _check(data.source != "text_files" or bool(data.paths),
            "data.source=text_files needs data.paths, e.g. --config.data.paths='docs/*.txt'")

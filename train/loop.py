@@ -16,7 +16,6 @@ from ml_collections import ConfigDict
 
 import model as model_lib
 from data import pipeline
-from data.sources import DataError
 from data.tokenizer import BOS, EOS, Tokenizer
 from model.config import ModelConfig
 from model.sharding import Rules, activate, batch_divisor, batch_sharding, make_mesh, \
@@ -78,8 +77,12 @@ def build(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Se
 
 
 def with_vocab(config: ConfigDict, tokenizer: Tokenizer) -> ConfigDict:
-    """The config with model.vocab_size resolved from the tokenizer (0 = take its size)."""
+    """The config with model.vocab_size resolved from the tokenizer (0 = take its size) and the
+    tokenizer's fingerprint recorded (a configured one must match)."""
     config = ConfigDict(config.to_dict())
+    pipeline.check_tokenizer(tokenizer, config.data.tokenizer.fingerprint,
+                             "data.tokenizer.fingerprint")
+    config.data.tokenizer.fingerprint = tokenizer.fingerprint
     if config.model.vocab_size == 0:
         config.model.vocab_size = tokenizer.vocab_size
     elif config.model.vocab_size < tokenizer.vocab_size:
@@ -95,6 +98,11 @@ def _check_resumable(saved: dict[str, Any], config: ConfigDict, path: Path) -> N
         changes = ", ".join(f"model.{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
         raise CheckpointError(f"{path} was trained with a different model ({changes}); use a new "
                               "--workdir or restore the original model settings")
+    saved_vocab = saved.get("data", {}).get("tokenizer", {}).get("fingerprint", "")
+    if saved_vocab and saved_vocab != config.data.tokenizer.fingerprint:
+        raise CheckpointError(f"{path} was trained with tokenizer {saved_vocab}, but this run's "
+                              f"is {config.data.tokenizer.fingerprint}; restore the run's "
+                              "original tokenizer.model, or use a new --workdir")
 
 
 def _sample(setup: Setup, params: Any, tokenizer: Tokenizer) -> str | None:
@@ -126,7 +134,8 @@ def train(config: ConfigDict, workdir: str | Path, *, progress: bool = True,
     ckpt = Checkpointer(workdir, config.ckpt)
     last = min(stop_after or config.train.steps, config.train.steps)
     with activate(setup.mesh, setup.rules):
-        batches = pipeline.train_batches(config.data, tokenizer, setup.batch_sharding)
+        batches = pipeline.train_batches(config.data, tokenizer, setup.batch_sharding,
+                                         objective=config.train.objective)
         state = _initial_state(setup, ckpt, batches, workdir)
         log = MetricsLog(workdir, config.train.steps, int(state.step), progress=progress)
         n_params = state_lib.param_count(state.params)
@@ -136,7 +145,8 @@ def train(config: ConfigDict, workdir: str | Path, *, progress: bool = True,
         eval_step = setup.eval_step()
 
         def run_eval(step: int, params: Any) -> dict[str, float]:
-            eval_batches = pipeline.eval_batches(config.data, tokenizer, setup.batch_sharding)
+            eval_batches = pipeline.eval_batches(config.data, tokenizer, setup.batch_sharding,
+                                                 objective=config.train.objective)
             return log.write(step, evaluate(eval_step, params, eval_batches, config.eval.steps),
                              prefix="eval/")
 
@@ -175,16 +185,21 @@ def _train_steps(setup: Setup, state: state_lib.TrainState, batches: pipeline.Gl
     """Steps from the state's step to `last`, with periodic eval and checkpoints."""
     config = setup.config
     train_step = setup.train_step()
-    last_eval = None
-    for step in range(int(state.step) + 1, last + 1):
-        try:
-            batch = next(batches)
-        except StopIteration:
-            raise DataError(f"the training data ran out at step {step} (data.num_epochs="
-                            f"{config.data.num_epochs}); raise it or set 0 to repeat") from None
+    last_eval, first, saved = None, int(state.step), None
+    for step in range(first + 1, last + 1):
+        batch = next(batches, None)
+        if batch is None:   # data.num_epochs passes are done: end here, as if step-1 were last
+            print(f"data: the {config.data.num_epochs} epoch(s) of training data ended after "
+                  f"step {step - 1}; stopping", flush=True)
+            if first < step - 1 != saved:
+                reporter.flush(force=True)
+                last_eval = run_eval(step - 1, state.params)
+                ckpt.save(step - 1, state, config=config.to_dict(), data_iterator=batches,
+                          eval_loss=last_eval["loss"])
+            break
         with jax.transfer_guard("disallow"):
             state, metrics = train_step(state, batch)
-        reporter.dispatched(step, metrics)
+        reporter.dispatched(step, {**metrics, "epoch": batches.epoch})
         final = step in (last, config.train.steps)
         eval_due = final or (config.eval.every and step % config.eval.every == 0)
         ckpt_due = final or (config.ckpt.every and step % config.ckpt.every == 0)
@@ -195,6 +210,7 @@ def _train_steps(setup: Setup, state: state_lib.TrainState, batches: pipeline.Gl
                 ckpt.save(step, state, config=config.to_dict(),
                           data_iterator=batches,
                           eval_loss=last_eval["loss"] if last_eval else None)
+                saved = step
             reporter.restart_clock(step)
     reporter.flush(force=True)
     return state, last_eval

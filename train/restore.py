@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 import jax
 from ml_collections import ConfigDict
 
-from data.pipeline import TOKENIZER_FILE
+from data.pipeline import TOKENIZER_FILE, check_tokenizer
 from data.tokenizer import Tokenizer
 from train.checkpoint import Checkpointer, CheckpointError
 from train.loop import Setup, build
@@ -63,6 +63,8 @@ def restore(workdir: str | Path, step: str | int = "latest", *,
         raise CheckpointError(f"{tokenizer_path} is missing; a run directory keeps its "
                               "vocabulary there")
     tokenizer = Tokenizer.load(tokenizer_path)
+    check_tokenizer(tokenizer, config.data.tokenizer.get("fingerprint", ""),
+                    f"the checkpoint at step {resolved}")
     setup = build(config, devices)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             _param_shapes(setup), setup.state_shardings.params)

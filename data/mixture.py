@@ -1,0 +1,76 @@
+"""Which document sources a config reads, and in what proportions.
+
+`data.mixture` lists (spec, weight) pairs; a spec is `python_stdlib`, `text_files:<glob>` or
+`tfds:<name>` (e.g. `tfds:c4/en:3.1.0`). Empty, the single source of `data.source` is read.
+Sources are mixed document by document with grain's index-based `MapDataset.mix`, so a mixture
+is as deterministic (and resumable) as one source: document k of the mixture is always the same.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import grain
+
+from data.sources import DataError
+
+KINDS = ("python_stdlib", "text_files", "tfds")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One document source: a local corpus (prepared by Loom) or a prepared tfds dataset."""
+    kind: str
+    paths: tuple[str, ...] = ()
+    tfds_name: str = ""
+    text_field: str = "text"
+    weight: float = 1.0
+
+    @property
+    def name(self) -> str:
+        if self.kind == "tfds":
+            return f"tfds:{self.tfds_name}"
+        return self.kind if self.kind == "python_stdlib" else f"text_files:{','.join(self.paths)}"
+
+
+def parse_spec(spec: str, weight: float, text_field: str) -> Source:
+    kind, _, arg = spec.partition(":")
+    if kind not in KINDS:
+        raise DataError(f"data.mixture source {spec!r}: start it with one of {KINDS}, e.g. "
+                        "'text_files:docs/*.txt' or 'tfds:lm1b'")
+    if kind != "python_stdlib" and not arg:
+        raise DataError(f"data.mixture source {spec!r} needs a "
+                        f"{'glob' if kind == 'text_files' else 'dataset name'} after '{kind}:'")
+    if not weight > 0:
+        raise DataError(f"data.mixture weight of {spec!r} must be positive, got {weight}")
+    return Source(kind=kind, paths=(arg,) if kind == "text_files" else (),
+                  tfds_name=arg if kind == "tfds" else "", text_field=text_field,
+                  weight=float(weight))
+
+
+def sources(data_cfg: Mapping[str, Any]) -> list[Source]:
+    """The sources of a `data` section: its mixture, or its single source."""
+    mixture = data_cfg["mixture"]
+    if not mixture:
+        if data_cfg["source"] not in KINDS:
+            raise DataError(f"data.source={data_cfg['source']!r}: choose one of {KINDS}")
+        return [Source(kind=data_cfg["source"], paths=tuple(data_cfg["paths"]),
+                       tfds_name=data_cfg["tfds_name"], text_field=data_cfg["text_field"])]
+    parsed = []
+    for entry in mixture:
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2
+                and isinstance(entry[0], str) and isinstance(entry[1], (int, float))):
+            raise DataError(f"data.mixture entry {entry!r}: use (spec, weight), e.g. "
+                            "(('tfds:lm1b', 0.7), ('text_files:docs/*.txt', 0.3))")
+        parsed.append(parse_spec(entry[0], entry[1], data_cfg["text_field"]))
+    names = [s.name for s in parsed]
+    if len(set(names)) != len(names):
+        raise DataError(f"data.mixture names a source twice: {names}")
+    return parsed
+
+
+def mix(datasets: Sequence[grain.MapDataset], weights: Sequence[float]) -> grain.MapDataset:
+    """Documents of `datasets` interleaved in proportion to `weights` (deterministically)."""
+    if len(datasets) == 1:
+        return datasets[0]
+    return grain.MapDataset.mix(list(datasets), [float(w) for w in weights])
