@@ -22,6 +22,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 from data.sources import DataError
 
@@ -106,9 +107,42 @@ class Tokenizer:
         return np.concatenate([self._sp.encode(chunk, return_type="numpy")
                                for chunk in _chunks(text, ENCODE_CHUNK_CHARS)])
 
+    def encode_spans(self, text: str) -> list[tuple[int, int, int]]:
+        """(id, begin, end) per piece: the UTF-8 byte span of `text` the piece stands for.
+
+        The dummy-prefix piece spans nothing (begin == end == 0); the byte-fallback pieces of one
+        character all begin where it begins.
+        """
+        return [(p.id, p.begin, p.end) for p in self._sp.encode(text, return_type="proto").pieces]
+
     def decode(self, ids: Iterable[int]) -> str:
         n = self.vocab_size
         return self._sp.decode([int(i) for i in ids if 0 <= int(i) < n])
+
+    def piece_bytes(self) -> np.ndarray:
+        """UTF-8 bytes each id adds to decoded text: 0 for control and unknown pieces, 1 for a
+        byte-fallback piece, else the piece's text with the leading-space marker as one space.
+
+        With `adds_dummy_prefix`, decoding drops the space of a document's first piece, so a
+        document's bytes are the sum over its ids minus 1 (see train/eval.py).
+        """
+        sp = self._sp
+
+        def size(i: int) -> int:
+            if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+                return 0
+            if sp.is_byte(i):
+                return 1
+            return len(sp.id_to_piece(i).replace(WORD_START, " ").encode("utf-8"))
+
+        return np.array([size(i) for i in range(self.vocab_size)], np.int32)
+
+    @property
+    def adds_dummy_prefix(self) -> bool:
+        """Whether encoding prepends a space marker that decoding removes again."""
+        model = sentencepiece_model_pb2.ModelProto()
+        model.ParseFromString(self.model_proto)
+        return model.normalizer_spec.add_dummy_prefix
 
     def save(self, path: str | os.PathLike) -> None:
         path = Path(path)

@@ -1,11 +1,17 @@
 """python -m train.benchmark --config configs/bench_tiny.py [--steps N] [--config.KEY=VALUE ...]
-   python -m train.benchmark --config configs/bench_tiny.py --reference shared/bench/reference_gpt.py
+python -m train.benchmark --config configs/bench_tiny.py --reference ../shared/bench/reference_gpt.py
+python -m train.benchmark --config configs/bench_tiny.py --generate [--batch-sizes 1,8]
+    [--prompt-len 128] [--new-tokens 128] [--repeats 3]
 
 Times Loom's compiled train step on synthetic batches of `train.objective` (train/synthetic.py:
 no data pipeline, no tokenizer), for every model family, and prints
 one JSON line per measurement: params, step time, tokens/s, model TFLOP/s, MFU against the device
 peak, compile time and peak device memory. FLOPs count like ../shared/bench/reference_gpt.py
 (6N + 12*L*d*T per token), so the two print comparable figures side by side.
+
+With --generate it times greedy decoding instead (random weights and prompt tokens, no stop
+token): time to first token (prefill + the first token) and decode tokens/s after it, for each
+batch size, with the KV cache and by recomputing the whole sequence every step.
 """
 from __future__ import annotations
 
@@ -16,9 +22,10 @@ import os
 import statistics
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 from ml_collections import ConfigDict
 
 import model as model_lib
@@ -116,6 +123,72 @@ def compare(config: ConfigDict, steps: int, reference_path: str, preset: str,
     return summary
 
 
+def measure_generate(config: ConfigDict, batch_sizes: Sequence[int], prompt_len: int,
+                     new_tokens: int, repeats: int = 3) -> list[dict[str, Any]]:
+    """Greedy decoding speed of `config`'s model, with and without the KV cache.
+
+    Time to first token is the wall time of a 1-token generation; decode tokens/s is
+    batch * (new_tokens - 1) over the extra time of a `new_tokens` generation. Each figure is
+    the median of `repeats` timed runs after a compiling one; `spread` is (max - min) / median
+    of the full runs, a measure of the noise.
+    """
+    from train.decoding import stepper_for   # deferred: keeps --help fast
+    from train.generate import Options, decode
+    from train.loop import build
+
+    if not config.model.vocab_size:
+        config.model.vocab_size = 32000
+    validate(config)
+    if prompt_len + new_tokens > config.model.max_len:
+        raise ConfigError(f"--prompt-len + --new-tokens = {prompt_len + new_tokens} exceed "
+                          f"model.max_len={config.model.max_len}; the benchmark decodes without "
+                          "sliding the context window")
+    setup = build(config)
+    cfg = setup.model_cfg
+    results = []
+    with activate(setup.mesh, setup.rules):
+        params = state_lib.init(setup.model, cfg, setup.tx, setup.state_shardings,
+                                config.train.seed).params
+
+        def timed(stepper, prompt, n):
+            """Compile seconds, then the `repeats` run times, of an n-token generation."""
+            run = lambda: decode(stepper, params, prompt, Options(), max_new_tokens=n,  # noqa
+                                 rng=jax.random.PRNGKey(0), vocab_limit=cfg.vocab_size,
+                                 stop_ids=())
+            t0 = time.perf_counter()
+            run()
+            compile_s = time.perf_counter() - t0
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - t0)
+            return compile_s, sorted(times)
+
+        for batch in batch_sizes:
+            tokens = jax.random.randint(jax.random.PRNGKey(batch), (batch, prompt_len), 4,
+                                        cfg.vocab_size, jnp.int32)
+            prompt = {"tokens": tokens, "segments": jnp.ones_like(tokens)}
+            for use_cache in (True, False):
+                stepper = stepper_for(cfg, use_cache=use_cache)
+                compile_1, first = timed(stepper, prompt, 1)
+                compile_n, full = timed(stepper, prompt, new_tokens)
+                ttft, total = first[len(first) // 2], full[len(full) // 2]
+                decode_s = max(total - ttft, 1e-9)
+                out = dict(system="loom", mode="generate", device=jax.devices()[0].device_kind,
+                           n_devices=jax.device_count(), params_M=round(
+                               state_lib.param_count(params) / 1e6, 1), dtype=cfg.dtype,
+                           batch=batch, prompt=prompt_len, new_tokens=new_tokens,
+                           kv_cache=use_cache, ttft_s=round(ttft, 4),
+                           decode_tok_per_s=round(batch * (new_tokens - 1) / decode_s, 1),
+                           ms_per_step=round(1e3 * decode_s / (new_tokens - 1), 2),
+                           total_s=round(total, 3), spread=round((full[-1] - full[0]) / total, 3),
+                           compile_s=round(compile_1 + compile_n - ttft - total, 1))
+                print(json.dumps(out), flush=True)
+                results.append(out)
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m train.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,9 +198,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference-preset", default="tiny",
                         help="the reference preset of the same shape as --config")
     parser.add_argument("--rounds", type=int, default=3, help="alternations with --reference")
+    parser.add_argument("--generate", action="store_true",
+                        help="time decoding (KV cache vs recomputation) instead of training")
+    parser.add_argument("--batch-sizes", default="1,8", help="--generate: comma-separated")
+    parser.add_argument("--prompt-len", type=int, default=128, help="--generate: prompt tokens")
+    parser.add_argument("--new-tokens", type=int, default=128, help="--generate: new tokens")
+    parser.add_argument("--repeats", type=int, default=3, help="--generate: timed runs each")
     with fail_cleanly():
         args, config = parse(parser, argv)
-        if args.reference:
+        if args.generate:
+            measure_generate(config, [int(b) for b in args.batch_sizes.split(",")],
+                             args.prompt_len, args.new_tokens, args.repeats)
+        elif args.reference:
             compare(config, args.steps, args.reference, args.reference_preset, args.rounds)
         else:
             measure(config, args.steps)

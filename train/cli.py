@@ -44,6 +44,21 @@ def quiet_libraries() -> None:
     logging.getLogger("absl").setLevel(logging.ERROR)
 
 
+def parse_run(parser: argparse.ArgumentParser, argv: Sequence[str] | None
+              ) -> tuple[argparse.Namespace, list[str]]:
+    """For commands on a trained run: adds --workdir and --step, parses, and returns the
+    --config.KEY=VALUE arguments, which override the run's saved config (train.restore)."""
+    parser.add_argument("--workdir", required=True, help="directory of a training run")
+    parser.add_argument("--step", default="latest",
+                        help="checkpoint: latest, best (lowest eval loss) or a step number")
+    parser.epilog = ("overrides of the run's saved config (--config.KEY=VALUE; model keys are "
+                     "fixed by the checkpoint), e.g.:\n" + "\n".join(
+                         line for line in help_table(base_config()).splitlines()
+                         if line.strip().startswith(("--config.data.", "--config.mesh.",
+                                                     "--config.eval."))))
+    return parser.parse_known_args(argv)
+
+
 @contextlib.contextmanager
 def fail_cleanly() -> Iterator[None]:
     """Exits with status 2 and a one-line message for input errors."""

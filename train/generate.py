@@ -1,26 +1,70 @@
-"""Autoregressive decoding of a decoder LM with a KV cache inside one jitted `lax.while_loop`.
+"""Text generation from a trained run: greedy, sampling and beam search, with a KV cache.
 
-Prompts of different lengths are left-padded; each row's positions count only its real tokens,
-so padding changes nothing. Sampling: greedy (temperature 0), temperature, top-k, top-p.
+    python -m train.generate --workdir runs/quickstart --prompt "def " --strategy sample \
+        --temperature 0.8 --top-p 0.95 --max-new-tokens 64
+
+`generate()` is the Python API for batches: prompts of different lengths are left-padded (each
+row's positions count only its real tokens, so padding changes nothing), and decoding runs in
+one jitted `lax.while_loop` over a stepper (train/decoding.py: KV cache, sliding window for
+prompts longer than the model's context). A row stops at any of `stop_ids` (kept in the output)
+or after `max_new_tokens`.
 """
 from __future__ import annotations
 
+import argparse
+import codecs
+import dataclasses
 import functools
+import sys
 from typing import Any, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import model as model_lib
+from data.sources import DataError
+from data.tokenizer import BOS, EOS, PAD, WORD_START, Tokenizer
 from model.config import ModelConfig
+from model.sharding import activate
+from train import beam
+from train.cli import fail_cleanly, parse_run
+from train.config import ConfigError
+from train.decoding import Prompt, Stepper, stepper_for
+from train.sampling import choose, is_stop
+
+STRATEGIES = ("greedy", "sample", "beam")
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """tokens_BxP and segment_ids_BxP (1 real, 0 padding), prompts aligned to the right."""
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """How to choose tokens. greedy: argmax; sample: temperature, top_k (0 = off), top_p (1 =
+    off); beam: beam_width beams ranked with length_penalty (see train/beam.py)."""
+    strategy: str = "greedy"
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    beam_width: int = 4
+    length_penalty: float = 1.0
+
+    def __post_init__(self):
+        checks = [
+            (self.strategy in STRATEGIES, f"strategy {self.strategy!r}: choose one of "
+                                          f"{STRATEGIES}"),
+            (self.strategy != "sample" or self.temperature > 0,
+             f"sampling needs temperature > 0, got {self.temperature}; use strategy greedy"),
+            (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
+            (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.beam_width >= 1, f"beam_width must be >= 1, got {self.beam_width}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = PAD) -> tuple[np.ndarray, np.ndarray]:
+    """tokens_BxP and segments_BxP (1 real, 0 padding), prompts aligned to the right."""
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (start with BOS)")
+        raise ConfigError("every prompt needs at least one token (start with BOS)")
     width = max(len(p) for p in prompts)
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     segments = np.zeros((len(prompts), width), np.int32)
@@ -30,97 +74,158 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndar
     return tokens, segments
 
 
-def filter_logits(logits_BxV: jax.Array, *, temperature: float, top_k: int, top_p: float,
-                  vocab_limit: int) -> jax.Array:
-    """Logits with ids >= vocab_limit, outside the top k, or outside the top-p mass at -inf."""
-    logits_BxV = logits_BxV.astype(jnp.float32)
-    neg = jnp.finfo(jnp.float32).min
-    logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < vocab_limit, logits_BxV, neg)
-    logits_BxV = logits_BxV / max(temperature, 1e-6)
-    if top_k > 0:
-        kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
-        logits_BxV = jnp.where(logits_BxV < kth_Bx1, neg, logits_BxV)
-    if top_p < 1.0:
-        sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
-        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-        mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-        cutoff_Bx1 = jnp.min(jnp.where(mass_before_BxV < top_p, sorted_BxV, jnp.inf), -1,
-                             keepdims=True)
-        logits_BxV = jnp.where(logits_BxV < cutoff_Bx1, neg, logits_BxV)
-    return logits_BxV
-
-
-def choose(logits_BxV: jax.Array, rng: jax.Array, *, temperature: float, top_k: int,
-           top_p: float, vocab_limit: int) -> jax.Array:
-    """Next token ids: argmax when temperature == 0, else a sample from the filtered logits."""
-    filtered = filter_logits(logits_BxV, temperature=temperature, top_k=top_k, top_p=top_p,
-                             vocab_limit=vocab_limit)
-    if temperature == 0.0:
-        return jnp.argmax(filtered, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
-
-
-def init_cache(decoder: nn.Module, cfg: ModelConfig, batch: int, length: int) -> Any:
-    """Zeroed KV cache with `length` slots per row."""
-    shapes = jax.eval_shape(lambda: decoder.init(
-        jax.random.PRNGKey(0), *model_lib.init_inputs(cfg, batch, length)))["cache"]
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k",
-                                             "top_p", "vocab_limit", "eos_id", "pad_id"))
-def _decode(params, tokens_BxP, segments_BxP, rng, *, cfg: ModelConfig, max_new_tokens: int,
-            temperature: float, top_k: int, top_p: float, vocab_limit: int, eos_id: int,
-            pad_id: int) -> jax.Array:
-    decoder = model_lib.build(cfg, decode=True)
-    batch, width = tokens_BxP.shape
+@functools.partial(jax.jit, static_argnames=("stepper", "max_new_tokens", "temperature",
+                                             "top_k", "top_p", "vocab_limit", "stop_ids",
+                                             "pad_id"))
+def sample_loop(stepper: Stepper, params: Any, prompt: Prompt, rng: jax.Array, *,
+                max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                vocab_limit: int, stop_ids: Sequence[int], pad_id: int) -> jax.Array:
+    """new_BxN: greedy (temperature 0) or sampled tokens, `pad_id` after a row's stop token."""
     pick = functools.partial(choose, temperature=temperature, top_k=top_k, top_p=top_p,
                              vocab_limit=vocab_limit)
-    positions_BxP = jnp.maximum(jnp.cumsum(segments_BxP, axis=1) - 1, 0)
-    cache = init_cache(decoder, cfg, batch, width + max_new_tokens)
-    logits, mutated = decoder.apply({"params": params, "cache": cache}, tokens_BxP, positions_BxP,
-                                    segments_BxP, mutable=["cache"])
-    first = pick(logits[:, -1], jax.random.fold_in(rng, 0))
-    out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+    logits_BxV, state = stepper.start(params, prompt, max_new_tokens)
+    first_B = pick(logits_BxV, jax.random.fold_in(rng, 0))
+    out_BxN = jnp.full((first_B.shape[0], max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_B)
 
     def cond(carry):
-        i, _, _, done, _ = carry
-        return (i < max_new_tokens) & ~jnp.all(done)
+        i, _, _, done_B = carry
+        return (i < max_new_tokens) & ~jnp.all(done_B)
 
     def body(carry):
-        i, cache, out, done, next_pos_B = carry
-        token_B = out[:, i - 1]
-        logits, mutated = decoder.apply({"params": params, "cache": cache}, token_B[:, None],
-                                        next_pos_B[:, None], jnp.ones((batch, 1), jnp.int32),
-                                        mutable=["cache"])
-        new_B = jnp.where(done, pad_id, pick(logits[:, -1], jax.random.fold_in(rng, i)))
-        done = done | (new_B == eos_id)
-        return i + 1, mutated["cache"], out.at[:, i].set(new_B), done, next_pos_B + 1
+        i, state, out_BxN, done_B = carry
+        logits_BxV, state = stepper.step(params, state, out_BxN[:, i - 1])
+        new_B = jnp.where(done_B, pad_id, pick(logits_BxV, jax.random.fold_in(rng, i)))
+        return i + 1, state, out_BxN.at[:, i].set(new_B), done_B | is_stop(new_B, stop_ids)
 
-    done = first == eos_id
-    next_pos = positions_BxP[:, -1] + 1
-    carry = (jnp.int32(1), mutated["cache"], out, done, next_pos)
+    carry = (jnp.int32(1), state, out_BxN, is_stop(first_B, stop_ids))
     return jax.lax.while_loop(cond, body, carry)[2]
 
 
+def decode(stepper: Stepper, params: Any, prompt: Prompt, options: Options, *,
+           max_new_tokens: int, rng: jax.Array, vocab_limit: int,
+           stop_ids: Sequence[int] = (EOS,), pad_id: int = PAD) -> np.ndarray:
+    """new_BxN tokens for a batch of prompt arrays (any model family's stepper)."""
+    common = dict(max_new_tokens=max_new_tokens, vocab_limit=vocab_limit,
+                  stop_ids=tuple(int(s) for s in stop_ids), pad_id=pad_id)
+    if options.strategy == "beam":
+        tokens_BxWxN, _ = beam.search(stepper, params, prompt, width=options.beam_width,
+                                      length_penalty=float(options.length_penalty), **common)
+        return np.asarray(tokens_BxWxN[:, 0])
+    greedy = options.strategy == "greedy"
+    return np.asarray(sample_loop(
+        stepper, params, prompt, rng, temperature=0.0 if greedy else float(options.temperature),
+        top_k=int(options.top_k), top_p=float(options.top_p), **common))
+
+
 def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], *,
-             max_new_tokens: int, rng: jax.Array, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, vocab_limit: int | None = None, eos_id: int = -1,
-             pad_id: int = 0) -> list[list[int]]:
-    """New token ids for each prompt (stopping after `eos_id`, which is included)."""
-    if cfg.pos != "rope" and max(len(p) for p in prompts) + max_new_tokens > cfg.max_len:
-        raise ValueError(f"prompt + {max_new_tokens} new tokens exceed model.max_len="
-                         f"{cfg.max_len} of {cfg.pos} positions")
+             max_new_tokens: int, options: Options = Options(), rng: jax.Array | None = None,
+             stop_ids: Sequence[int] = (EOS,), vocab_limit: int | None = None,
+             pad_id: int = PAD, window: int = 0, keep: int = 0,
+             use_cache: bool = True) -> list[list[int]]:
+    """New token ids for each prompt, up to and including the first stop id.
+
+    `window`/`keep` set the sliding context window (0 = model.max_len / half of it); without
+    the cache (`use_cache=False`, every step recomputes the whole sequence) prompt and new
+    tokens must fit in the window. Call inside `model.sharding.activate(mesh, rules)` when
+    `params` are sharded.
+    """
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    size = window or cfg.max_len
+    if cfg.pos != "rope" and size > cfg.max_len:
+        raise ConfigError(f"window {size} exceeds model.max_len={cfg.max_len}, the most "
+                          f"{cfg.pos} positions can encode")
+    if not 0 <= keep <= size:
+        raise ConfigError(f"keep must be in [1, window={size}] (0 = half the window), got {keep}")
     tokens, segments = left_pad(prompts, pad_id)
-    out = _decode(params, jnp.asarray(tokens), jnp.asarray(segments), rng, cfg=cfg,
-                  max_new_tokens=max_new_tokens, temperature=float(temperature),
-                  top_k=int(top_k), top_p=float(top_p),
-                  vocab_limit=int(vocab_limit or cfg.vocab_size), eos_id=int(eos_id),
-                  pad_id=int(pad_id))
-    rows = []
-    for row in np.asarray(out).tolist():
-        if eos_id in row:
-            row = row[:row.index(eos_id) + 1]
-        rows.append(row)
-    return rows
+    if not use_cache and tokens.shape[1] + max_new_tokens > size:
+        raise ConfigError(f"prompt + {max_new_tokens} new tokens exceed the {size}-token window; "
+                          "the sliding window needs the KV cache")
+    stepper = stepper_for(cfg, use_cache=use_cache, window=window, keep=keep)
+    prompt = {"tokens": jnp.asarray(tokens), "segments": jnp.asarray(segments)}
+    out = decode(stepper, params, prompt, options, max_new_tokens=max_new_tokens,
+                 rng=jax.random.PRNGKey(0) if rng is None else rng,
+                 vocab_limit=int(vocab_limit or cfg.vocab_size), stop_ids=stop_ids,
+                 pad_id=pad_id)
+    return [_until_stop(row, stop_ids) for row in out.tolist()]
+
+
+def _until_stop(row: list[int], stop_ids: Sequence[int]) -> list[int]:
+    for i, token in enumerate(row):
+        if token in stop_ids:
+            return row[:i + 1]
+    return row
+
+
+def stop_token(tokenizer: Tokenizer, text: str) -> int:
+    """The id of a stop piece given as text: backslash escapes work (\\n) and spaces stand for
+    the leading-space marker (" return" is the piece "\u2581return")."""
+    piece = codecs.decode(text, "unicode_escape").replace(" ", WORD_START)
+    try:
+        return tokenizer.piece_id(piece)
+    except DataError:
+        raise ConfigError(f"--stop {text!r} is not a piece of the vocabulary; stop tokens are "
+                          "single pieces, e.g. '\\n' or ' return'") from None
+
+
+def generate_text(cfg: ModelConfig, params: Any, tokenizer: Tokenizer, prompts: Sequence[str],
+                  *, stop_ids: Sequence[int] = (EOS,), **kwargs) -> list[str]:
+    """The continuation of each prompt text (without its stop token); `kwargs` as `generate`."""
+    ids = [[BOS] + tokenizer.encode(p) for p in prompts]
+    new = generate(cfg, params, ids, stop_ids=stop_ids, vocab_limit=tokenizer.vocab_size,
+                   **kwargs)
+    texts = []
+    for prompt_ids, new_ids in zip(ids, new):
+        if new_ids and new_ids[-1] in stop_ids:
+            new_ids = new_ids[:-1]
+        # decode with the prompt: a continuation's first piece may carry the space between them
+        texts.append(tokenizer.decode(prompt_ids + new_ids)[len(tokenizer.decode(prompt_ids)):])
+    return texts
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m train.generate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt", action="append", required=True,
+                        help="prompt text; repeat for a batch of prompts")
+    parser.add_argument("--strategy", default="greedy", help="greedy | sample | beam")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=1.0, help="sample: softmax "
+                        "temperature")
+    parser.add_argument("--top-k", type=int, default=0, help="sample: only the k most likely "
+                        "tokens; 0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="sample: only the smallest set "
+                        "of tokens with probability >= p; 1 = off")
+    parser.add_argument("--beam-width", type=int, default=4)
+    parser.add_argument("--length-penalty", type=float, default=1.0,
+                        help="beam: score = log p / length**penalty (0 favours short outputs)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--stop", action="append", default=[],
+                        help="extra stop piece besides EOS, e.g. '\\n'; repeatable")
+    parser.add_argument("--window", type=int, default=0, help="context window in tokens; longer "
+                        "inputs slide (0 = model.max_len)")
+    parser.add_argument("--keep", type=int, default=0, help="tokens kept when the window slides "
+                        "(0 = half the window)")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="recompute the whole sequence every step (slow; for comparison)")
+    with fail_cleanly():
+        args, config_args = parse_run(parser, argv)
+        options = Options(args.strategy, args.temperature, args.top_k, args.top_p,
+                          args.beam_width, args.length_penalty)
+        from train.restore import restore   # deferred: keeps --help fast
+        run = restore(args.workdir, args.step, config_args=config_args)
+        stops = [EOS] + [stop_token(run.tokenizer, s) for s in args.stop]
+        with activate(run.setup.mesh, run.setup.rules):
+            texts = generate_text(run.setup.model_cfg, run.params, run.tokenizer, args.prompt,
+                                  stop_ids=stops, max_new_tokens=args.max_new_tokens,
+                                  options=options, rng=jax.random.PRNGKey(args.seed),
+                                  window=args.window, keep=args.keep,
+                                  use_cache=not args.no_cache)
+        for prompt, text in zip(args.prompt, texts):
+            print(prompt + text, flush=True)
+            if len(args.prompt) > 1:
+                print("-" * 40)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

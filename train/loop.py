@@ -16,7 +16,7 @@ from ml_collections import ConfigDict
 
 import model as model_lib
 from data import pipeline
-from data.tokenizer import BOS, EOS, Tokenizer
+from data.tokenizer import Tokenizer
 from model.config import ModelConfig
 from model.sharding import Rules, activate, batch_divisor, batch_sharding, make_mesh, \
     rules_from_config
@@ -109,13 +109,13 @@ def _sample(setup: Setup, params: Any, tokenizer: Tokenizer) -> str | None:
     cfg = setup.config.eval
     if not cfg.sample_prompt:
         return None
-    prompt = [BOS] + tokenizer.encode(cfg.sample_prompt)
+    options = generate.Options("sample" if cfg.sample_temperature > 0 else "greedy",
+                               temperature=cfg.sample_temperature, top_k=40)
     with activate(setup.mesh, setup.rules):
-        new = generate.generate(setup.model_cfg, params, [prompt],
-                                max_new_tokens=cfg.sample_tokens, rng=jax.random.PRNGKey(0),
-                                temperature=cfg.sample_temperature, top_k=40,
-                                vocab_limit=tokenizer.vocab_size, eos_id=EOS)[0]
-    return cfg.sample_prompt + tokenizer.decode(new)
+        new = generate.generate_text(setup.model_cfg, params, tokenizer, [cfg.sample_prompt],
+                                     max_new_tokens=cfg.sample_tokens, options=options,
+                                     rng=jax.random.PRNGKey(0))[0]
+    return cfg.sample_prompt + new
 
 
 def train(config: ConfigDict, workdir: str | Path, *, progress: bool = True,

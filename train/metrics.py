@@ -48,12 +48,12 @@ class MetricsLog:
     """Writes records on process 0 only; every process may call it."""
 
     def __init__(self, workdir: str | os.PathLike, total_steps: int, initial_step: int = 0,
-                 progress: bool = True):
+                 progress: bool = True, filename: str = "metrics.jsonl"):
         self.active = jax.process_index() == 0
         if not self.active:
             return
         workdir = Path(workdir)
-        self.jsonl = open(workdir / "metrics.jsonl", "a", buffering=1)
+        self.jsonl = open(workdir / filename, "a", buffering=1)
         self.tb = SummaryWriter(str(workdir / "tensorboard"))
         self.bar = tqdm.tqdm(total=total_steps, initial=initial_step, disable=not progress,
                              dynamic_ncols=True, desc="train")

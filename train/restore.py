@@ -15,6 +15,7 @@ from ml_collections import ConfigDict
 from data.pipeline import TOKENIZER_FILE, check_tokenizer
 from data.tokenizer import Tokenizer
 from train.checkpoint import Checkpointer, CheckpointError
+from train.config import apply_overrides, validate
 from train.loop import Setup, build
 
 
@@ -39,12 +40,13 @@ def saved_config(workdir: str | Path, step: str | int = "latest") -> tuple[Confi
 
 
 def restore(workdir: str | Path, step: str | int = "latest", *,
-            overrides: Mapping[str, Any] | None = None,
+            overrides: Mapping[str, Any] | None = None, config_args: Sequence[str] = (),
             devices: Sequence[jax.Device] | None = None) -> Restored:
     """Params of `workdir` at `step` ('latest', 'best' or a number) on a mesh over `devices`.
 
     `overrides` maps dotted config keys to values (e.g. {"mesh.tensor": 2, "data.batch_size":
-    8}); model keys cannot change, since they define the parameters.
+    8}), `config_args` are command-line overrides (["--config.data.eval_split=train"]); model
+    keys cannot change, since they define the parameters.
     """
     workdir = Path(workdir).expanduser()
     config, resolved = saved_config(workdir, step)
@@ -58,6 +60,10 @@ def restore(workdir: str | Path, step: str | int = "latest", *,
         for p in parents:
             node = node[p]
         node[leaf] = value
+    if any(a.startswith("--config.model.") for a in config_args):
+        raise CheckpointError("--config.model.* cannot be changed when restoring: the "
+                              "checkpoint's parameters define the model")
+    validate(apply_overrides(config, config_args))
     tokenizer_path = workdir / TOKENIZER_FILE
     if not tokenizer_path.is_file():
         raise CheckpointError(f"{tokenizer_path} is missing; a run directory keeps its "

@@ -1,0 +1,206 @@
+"""What the search loops need from a model (a *stepper*), and the decoder-only family's steppers.
+
+The loops in generate.py (greedy, sampling) and beam.py (beam search) see a model only through
+three functions, so a new family plugs in by providing them:
+
+    start(params, prompt, max_new_tokens) -> (logits_RxV, state)   read the prompt
+    step(params, state, token_R) -> (logits_RxV, state)             append one token to each row
+    reorder(state, rows_R) -> state                                 row i becomes old row rows_R[i]
+
+`logits_RxV` predict each row's next token. `state` is a pytree the stepper owns; loops only carry
+it through `lax.while_loop` and reorder it (beam search turns B prompts into B*W beams with
+`reorder(state, repeat(arange(B), W))` and follows each beam's origin every step). Steppers are
+frozen dataclasses, so they are static arguments of `jax.jit`. `prompt` is a dict of [B, ...]
+arrays; for the decoder-only family `tokens` and `segments` (left-padded, see `left_pad`).
+
+An encoder-decoder stepper takes e.g. `encoder_tokens`/`encoder_segments` (+ a decoder prompt of
+[BOS]) in `prompt`, runs the encoder once in `start`, keeps its output (or the cross-attention
+keys/values) in `state` next to the decoder's self-attention cache, and gathers it in `reorder`
+like every other per-row array. `stepper_for` picks it by `cfg.family`.
+
+Sliding window (`CachedDecoder`): the cache has `window` slots (default model.max_len). The first
+context is the prompt's last `window` tokens; when the cache is full, the last `keep` tokens
+(default window // 2) are prefilled again into an empty cache with positions restarting at 0, and
+decoding goes on. Every token is thus predicted from between `keep` and `window` preceding
+tokens, at positions below `window`: exact for learned and sinusoidal positions (which cannot
+exceed max_len) and for RoPE. Rows of a batch share the cache's fill level, so they slide at the
+same steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Protocol
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+import model as model_lib
+from model.config import ModelConfig
+
+Prompt = Mapping[str, jax.Array]
+
+
+class Stepper(Protocol):
+    def start(self, params: Any, prompt: Prompt, max_new_tokens: int
+              ) -> tuple[jax.Array, Any]: ...
+
+    def step(self, params: Any, state: Any, token_R: jax.Array) -> tuple[jax.Array, Any]: ...
+
+    def reorder(self, state: Any, rows_R: jax.Array) -> Any: ...
+
+
+def positions_of(segments_RxT: jax.Array) -> jax.Array:
+    """Each token's position among the real (segment != 0) tokens of its row, from 0."""
+    return jnp.maximum(jnp.cumsum(segments_RxT, axis=1) - 1, 0).astype(jnp.int32)
+
+
+@flax.struct.dataclass
+class History:
+    """Every token of each row so far: the left-padded prompt, then the new tokens."""
+    tokens_RxL: jax.Array
+    segments_RxL: jax.Array     # 1 real, 0 padding (or not yet written)
+    length: jax.Array           # () tokens written, the same for every row
+
+    @classmethod
+    def of(cls, prompt: Prompt, max_new_tokens: int) -> "History":
+        tokens_RxP, segments_RxP = prompt["tokens"], prompt["segments"]
+        pad = ((0, 0), (0, max_new_tokens))
+        return cls(jnp.pad(tokens_RxP.astype(jnp.int32), pad),
+                   jnp.pad(segments_RxP.astype(jnp.int32), pad), jnp.int32(tokens_RxP.shape[1]))
+
+    def append(self, token_R: jax.Array) -> "History":
+        at = (0, self.length)
+        return History(lax.dynamic_update_slice(self.tokens_RxL, token_R[:, None], at),
+                       lax.dynamic_update_slice(self.segments_RxL,
+                                                jnp.ones_like(token_R)[:, None], at),
+                       self.length + 1)
+
+    def last(self, n: int) -> tuple[jax.Array, jax.Array]:
+        """tokens_Rxn and segments_Rxn of the `n` most recent slots."""
+        rows = self.tokens_RxL.shape[0]
+        at = (0, self.length - n)
+        return (lax.dynamic_slice(self.tokens_RxL, at, (rows, n)),
+                lax.dynamic_slice(self.segments_RxL, at, (rows, n)))
+
+    def take(self, rows_R: jax.Array) -> "History":
+        return History(self.tokens_RxL[rows_R], self.segments_RxL[rows_R], self.length)
+
+
+@flax.struct.dataclass
+class CacheState:
+    history: History
+    cache: Any                  # the model's "cache" collection (KV per layer)
+    filled: jax.Array           # () cache slots in use
+    next_pos_R: jax.Array       # position of each row's next token
+
+
+# cache leaves that hold one entry per row (the rest, cache_index, is shared by all rows)
+_ROW_LEAVES = ("cached_key", "cached_value", "cached_segment")
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedDecoder:
+    """Decoder-only LM with a KV cache of `window` slots (0 = model.max_len) that slides by
+    prefilling the last `keep` tokens (0 = window // 2) again when it is full."""
+    cfg: ModelConfig
+    window: int = 0
+    keep: int = 0
+
+    @property
+    def window_size(self) -> int:
+        return self.window or self.cfg.max_len
+
+    @property
+    def keep_size(self) -> int:
+        return self.keep or max(self.window_size // 2, 1)
+
+    def _prefill(self, params, tokens_RxT, segments_RxT, slots: int):
+        """Logits after the last token and a fresh `slots`-slot cache holding all T tokens."""
+        decoder = model_lib.build(self.cfg, decode=True)
+        rows = tokens_RxT.shape[0]
+        shapes = jax.eval_shape(lambda: decoder.init(
+            jax.random.PRNGKey(0), *model_lib.init_inputs(self.cfg, rows, slots)))["cache"]
+        cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        positions_RxT = positions_of(segments_RxT)
+        logits_RxTxV, mutated = decoder.apply({"params": params, "cache": cache}, tokens_RxT,
+                                              positions_RxT, segments_RxT, mutable=["cache"])
+        return logits_RxTxV[:, -1], mutated["cache"], positions_RxT[:, -1] + 1
+
+    def start(self, params: Any, prompt: Prompt, max_new_tokens: int):
+        history = History.of(prompt, max_new_tokens)
+        context = min(prompt["tokens"].shape[1], self.window_size)
+        tokens_RxC, segments_RxC = history.last(context)
+        slots = min(history.tokens_RxL.shape[1], self.window_size)
+        logits_RxV, cache, next_pos_R = self._prefill(params, tokens_RxC, segments_RxC, slots)
+        return logits_RxV, CacheState(history, cache, jnp.int32(context), next_pos_R)
+
+    def step(self, params: Any, state: CacheState, token_R: jax.Array):
+        history = state.history.append(token_R)
+        total = history.tokens_RxL.shape[1]
+
+        def extend():
+            decoder = model_lib.build(self.cfg, decode=True)
+            logits_Rx1xV, mutated = decoder.apply(
+                {"params": params, "cache": state.cache}, token_R[:, None],
+                state.next_pos_R[:, None], jnp.ones_like(token_R)[:, None], mutable=["cache"])
+            return logits_Rx1xV[:, -1], mutated["cache"], state.filled + 1, state.next_pos_R + 1
+
+        def slide():
+            tokens_RxK, segments_RxK = history.last(self.keep_size)
+            logits_RxV, cache, next_pos_R = self._prefill(params, tokens_RxK, segments_RxK,
+                                                          self.window_size)
+            return logits_RxV, cache, jnp.int32(self.keep_size), next_pos_R
+
+        if total <= self.window_size:      # the cache can never fill: no slide to compile
+            logits_RxV, cache, filled, next_pos_R = extend()
+        else:
+            logits_RxV, cache, filled, next_pos_R = lax.cond(
+                state.filled == self.window_size, slide, extend)
+        return logits_RxV, CacheState(history, cache, filled, next_pos_R)
+
+    def reorder(self, state: CacheState, rows_R: jax.Array) -> CacheState:
+        # with scanned layers every cache leaf has a leading layers axis before the rows
+        axis = 1 if self.cfg.scan_layers else 0
+
+        def take(path, leaf):
+            name = getattr(path[-1], "key", None)
+            return jnp.take(leaf, rows_R, axis=axis) if name in _ROW_LEAVES else leaf
+
+        return state.replace(history=state.history.take(rows_R),
+                             cache=jax.tree_util.tree_map_with_path(take, state.cache),
+                             next_pos_R=state.next_pos_R[rows_R])
+
+
+@dataclasses.dataclass(frozen=True)
+class Recompute:
+    """Decoder-only LM without a cache: every step runs the model over the whole history
+    (fixed width, so one compilation). The reference the cache is tested against, and the
+    "no KV cache" figure of the benchmark. No sliding window."""
+    cfg: ModelConfig
+
+    def _logits_at(self, params, history: History, index: jax.Array) -> jax.Array:
+        logits_RxLxV = model_lib.build(self.cfg).apply(
+            {"params": params}, history.tokens_RxL, positions_of(history.segments_RxL),
+            history.segments_RxL)
+        return lax.dynamic_index_in_dim(logits_RxLxV, index, axis=1, keepdims=False)
+
+    def start(self, params: Any, prompt: Prompt, max_new_tokens: int):
+        history = History.of(prompt, max_new_tokens)
+        return self._logits_at(params, history, history.length - 1), history
+
+    def step(self, params: Any, state: History, token_R: jax.Array):
+        history = state.append(token_R)
+        return self._logits_at(params, history, history.length - 1), history
+
+    def reorder(self, state: History, rows_R: jax.Array) -> History:
+        return state.take(rows_R)
+
+
+def stepper_for(cfg: ModelConfig, *, use_cache: bool = True, window: int = 0,
+                keep: int = 0) -> Stepper:
+    """The stepper of `cfg.family` (the place an encoder-decoder stepper is added)."""
+    if cfg.family != "decoder":
+        raise ValueError(f"decoding model.family={cfg.family!r} is not supported yet")
+    return CachedDecoder(cfg, window, keep) if use_cache else Recompute(cfg)
