@@ -87,7 +87,7 @@ def _corpus(tmp_path, n_train=8):
         text = (f"  doc {i}: héllo wörld ☃ 中文\n\tx = {i * 7}  # done" + "!" * (i % 3))
         path = folder / f"doc{i}.txt"
         path.write_text(text, encoding="utf-8")
-        if builder.in_validation(str(path), 10.0):
+        if builder.in_validation(text, 10.0):
             n_validation += 1
         elif len(train_texts) < n_train:
             train_texts.append(text)

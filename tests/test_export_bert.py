@@ -106,14 +106,21 @@ def test_bert_tokenizer_wraps_text_in_cls_and_sep(tokenizer_path, tmp_path):
     out = export.write_hf(tmp_path / "hf", random_params(cfg), cfg, tok, export.LAYOUTS["bert"])
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     cls, sep, mask = (tok.piece_id(p) for p in ("[CLS]", "[SEP]", "[MASK]"))
-    a, b = "def f(x):\n    return x", "the [MASK] sat on the mat"
+    a, b = "def f(x):\n    return x", "the cat sat on the mat"
     assert hf_tok(a)["input_ids"] == [cls] + tok.encode(a) + [sep]
     pair = hf_tok(a, b)
     assert pair["input_ids"] == [cls] + tok.encode(a) + [sep] + tok.encode(b) + [sep]
     assert pair["token_type_ids"] == [0] * (len(tok.encode(a)) + 2) + [1] * (
         len(tok.encode(b)) + 1)
-    assert hf_tok.mask_token_id == mask and mask in tok.encode(b)
+    # "[MASK]" written in text is the mask token for Hugging Face clients (fill-mask); Loom's
+    # own tokenizer never makes a control piece from text, its pipelines insert them
+    assert hf_tok.mask_token_id == mask and mask in hf_tok("the [MASK] sat")["input_ids"]
+    assert mask not in tok.encode("the [MASK] sat")
     # (a text that starts with a special piece or a space is a known difference: see
     # train/hf_tokenizer.py)
-    for text in ("last [MASK]", "a\n[MASK]\n\n  b [CLS] c", "no specials", "\nnewline"):
+    for text in ("no specials", "\nnewline", "two  spaces\tand a tab"):
         assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text), text
+    for text, specials in (("last [MASK]", [mask]), ("a\n[MASK]\n\n  b [CLS] c", [mask, cls])):
+        ids = hf_tok(text, add_special_tokens=False)["input_ids"]
+        assert [i for i in ids if i in (mask, cls, sep)] == specials
+        assert hf_tok.decode(ids) == text

@@ -13,10 +13,12 @@ it through `lax.while_loop` and reorder it (beam search turns B prompts into B*W
 frozen dataclasses, so they are static arguments of `jax.jit`. `prompt` is a dict of [B, ...]
 arrays; for the decoder-only family `tokens` and `segments` (left-padded, see `left_pad`).
 
-An encoder-decoder stepper takes e.g. `encoder_tokens`/`encoder_segments` (+ a decoder prompt of
-[BOS]) in `prompt`, runs the encoder once in `start`, keeps its output (or the cross-attention
-keys/values) in `state` next to the decoder's self-attention cache, and gathers it in `reorder`
-like every other per-row array. `stepper_for` picks it by `cfg.family`.
+The encoder-decoder family (`CachedEncoderDecoder`, `RecomputeEncoderDecoder`) reads the same
+`tokens`/`segments` as its *encoder* input (the text ids followed by EOS, as in training; padding
+anywhere is masked); `start` runs the encoder once and the decoder on [BOS], and each step feeds
+the decoder one more token. The cached stepper keeps the decoder's self-attention keys/values and
+the projected encoder output (cross-attention keys/values) in its cache and gathers both in
+`reorder`. An encoder input longer than the window keeps its last `window` tokens.
 
 Sliding window (`CachedDecoder`): the cache has `window` slots (default model.max_len). The first
 context is the prompt's last `window` tokens; when the cache is full, the last `keep` tokens
@@ -37,6 +39,8 @@ import jax.numpy as jnp
 from jax import lax
 
 import model as model_lib
+from data.tokenizer import BOS
+from model import encoder_decoder
 from model.config import ModelConfig
 
 Prompt = Mapping[str, jax.Array]
@@ -97,7 +101,19 @@ class CacheState:
 
 
 # cache leaves that hold one entry per row (the rest, cache_index, is shared by all rows)
-_ROW_LEAVES = ("cached_key", "cached_value", "cached_segment")
+_ROW_LEAVES = ("cached_key", "cached_value", "cached_segment", "cross_key", "cross_value",
+               "cross_segment")
+
+
+def _take_rows(cfg: ModelConfig, cache: Any, rows_R: jax.Array) -> Any:
+    """The cache of rows `rows_R` (with scanned layers each leaf has a leading layers axis)."""
+    axis = 1 if cfg.scan_layers else 0
+
+    def take(path, leaf):
+        name = getattr(path[-1], "key", None)
+        return jnp.take(leaf, rows_R, axis=axis) if name in _ROW_LEAVES else leaf
+
+    return jax.tree_util.tree_map_with_path(take, cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,15 +177,8 @@ class CachedDecoder:
         return logits_RxV, CacheState(history, cache, filled, next_pos_R)
 
     def reorder(self, state: CacheState, rows_R: jax.Array) -> CacheState:
-        # with scanned layers every cache leaf has a leading layers axis before the rows
-        axis = 1 if self.cfg.scan_layers else 0
-
-        def take(path, leaf):
-            name = getattr(path[-1], "key", None)
-            return jnp.take(leaf, rows_R, axis=axis) if name in _ROW_LEAVES else leaf
-
         return state.replace(history=state.history.take(rows_R),
-                             cache=jax.tree_util.tree_map_with_path(take, state.cache),
+                             cache=_take_rows(self.cfg, state.cache, rows_R),
                              next_pos_R=state.next_pos_R[rows_R])
 
 
@@ -198,9 +207,102 @@ class Recompute:
         return state.take(rows_R)
 
 
+def _encode(cfg: ModelConfig, params: Any, prompt: Prompt, window: int
+            ) -> tuple[jax.Array, jax.Array]:
+    """The encoder output of the prompt's last `window` tokens, and their segment ids."""
+    tokens_RxT, segments_RxT = prompt["tokens"], prompt["segments"]
+    width = min(tokens_RxT.shape[1], window or cfg.max_len)
+    tokens_RxT, segments_RxT = tokens_RxT[:, -width:], segments_RxT[:, -width:].astype(jnp.int32)
+    model = model_lib.build(cfg)
+    encoded_RxTxD = model.apply({"params": params}, tokens_RxT, positions_of(segments_RxT),
+                                segments_RxT, method=model.encode)
+    return encoded_RxTxD, segments_RxT
+
+
+@flax.struct.dataclass
+class Seq2SeqCache:
+    cache: Any                  # decoder self-attention and cross-attention keys/values
+    next_pos: jax.Array         # () decoder position of the next input token
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedEncoderDecoder:
+    """Encoder-decoder LM: the encoder runs once; the decoder one token per step, with a cache of
+    `max_new_tokens` self-attention slots and the projected encoder output."""
+    cfg: ModelConfig
+    window: int = 0
+
+    def _decoder(self, params, cache, token_Rx1, encoded, encoder_segments, position):
+        model = model_lib.build(self.cfg, decode=True)
+        logits_Rx1xV, mutated = model.apply(
+            {"params": params, "cache": cache}, token_Rx1, encoded, encoder_segments,
+            jnp.full_like(token_Rx1, position), method=model.decoder_logits, mutable=["cache"])
+        return logits_Rx1xV[:, -1], mutated["cache"]
+
+    def start(self, params: Any, prompt: Prompt, max_new_tokens: int):
+        encoded_RxTxD, segments_RxT = _encode(self.cfg, params, prompt, self.window)
+        rows, width = segments_RxT.shape
+        cache = encoder_decoder.init_cache(self.cfg, rows, max_new_tokens, width)
+        bos_Rx1 = jnp.full((rows, 1), BOS, jnp.int32)
+        logits_RxV, cache = self._decoder(params, cache, bos_Rx1, encoded_RxTxD, segments_RxT, 0)
+        return logits_RxV, Seq2SeqCache(cache, jnp.int32(1))
+
+    def step(self, params: Any, state: Seq2SeqCache, token_R: jax.Array):
+        logits_RxV, cache = self._decoder(params, state.cache, token_R[:, None].astype(jnp.int32),
+                                          None, None, state.next_pos)
+        return logits_RxV, Seq2SeqCache(cache, state.next_pos + 1)
+
+    def reorder(self, state: Seq2SeqCache, rows_R: jax.Array) -> Seq2SeqCache:
+        return state.replace(cache=_take_rows(self.cfg, state.cache, rows_R))
+
+
+@flax.struct.dataclass
+class Seq2SeqHistory:
+    encoded_RxTxD: jax.Array
+    encoder_segments_RxT: jax.Array
+    decoder: History            # [BOS] and the new tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class RecomputeEncoderDecoder:
+    """Encoder-decoder LM without a decoder cache: every step runs the decoder over all of its
+    tokens so far (fixed width, one compilation); the reference for `CachedEncoderDecoder`."""
+    cfg: ModelConfig
+    window: int = 0
+
+    def _logits(self, params, state: Seq2SeqHistory) -> jax.Array:
+        model = model_lib.build(self.cfg)
+        history = state.decoder
+        logits_RxSxV = model.apply(
+            {"params": params}, history.tokens_RxL, state.encoded_RxTxD,
+            state.encoder_segments_RxT, positions_of(history.segments_RxL),
+            history.segments_RxL, method=model.decoder_logits)
+        return lax.dynamic_index_in_dim(logits_RxSxV, history.length - 1, 1, keepdims=False)
+
+    def start(self, params: Any, prompt: Prompt, max_new_tokens: int):
+        encoded_RxTxD, segments_RxT = _encode(self.cfg, params, prompt, self.window)
+        bos_Rx1 = jnp.full((segments_RxT.shape[0], 1), BOS, jnp.int32)
+        history = History.of({"tokens": bos_Rx1, "segments": jnp.ones_like(bos_Rx1)},
+                             max_new_tokens - 1)
+        state = Seq2SeqHistory(encoded_RxTxD, segments_RxT, history)
+        return self._logits(params, state), state
+
+    def step(self, params: Any, state: Seq2SeqHistory, token_R: jax.Array):
+        state = state.replace(decoder=state.decoder.append(token_R))
+        return self._logits(params, state), state
+
+    def reorder(self, state: Seq2SeqHistory, rows_R: jax.Array) -> Seq2SeqHistory:
+        return Seq2SeqHistory(state.encoded_RxTxD[rows_R], state.encoder_segments_RxT[rows_R],
+                              state.decoder.take(rows_R))
+
+
 def stepper_for(cfg: ModelConfig, *, use_cache: bool = True, window: int = 0,
                 keep: int = 0) -> Stepper:
-    """The stepper of `cfg.family` (the place an encoder-decoder stepper is added)."""
-    if cfg.family != "decoder":
-        raise ValueError(f"decoding model.family={cfg.family!r} is not supported yet")
-    return CachedDecoder(cfg, window, keep) if use_cache else Recompute(cfg)
+    """The stepper of `cfg.family`: decoder-only or encoder-decoder, cached or recomputing."""
+    if cfg.family == "decoder":
+        return CachedDecoder(cfg, window, keep) if use_cache else Recompute(cfg)
+    if cfg.family == "encoder_decoder":
+        return CachedEncoderDecoder(cfg, window) if use_cache else \
+            RecomputeEncoderDecoder(cfg, window)
+    raise ValueError(f"model.family={cfg.family!r} does not generate text: an encoder predicts "
+                     "masked tokens in place; decode with a decoder or encoder_decoder model")

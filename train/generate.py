@@ -131,6 +131,9 @@ def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], *,
     """
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if cfg.family not in ("decoder", "encoder_decoder"):
+        raise ConfigError(f"model.family={cfg.family!r} does not generate text (an encoder "
+                          "predicts masked tokens in place); use train.eval to score it")
     size = window or cfg.max_len
     if cfg.pos != "rope" and size > cfg.max_len:
         raise ConfigError(f"window {size} exceeds model.max_len={cfg.max_len}, the most "
@@ -138,7 +141,11 @@ def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], *,
     if not 0 <= keep <= size:
         raise ConfigError(f"keep must be in [1, window={size}] (0 = half the window), got {keep}")
     tokens, segments = left_pad(prompts, pad_id)
-    if not use_cache and tokens.shape[1] + max_new_tokens > size:
+    if cfg.family == "encoder_decoder":
+        if cfg.pos != "rope" and max_new_tokens > cfg.max_len:
+            raise ConfigError(f"max_new_tokens={max_new_tokens} exceeds model.max_len="
+                              f"{cfg.max_len}, the most decoder positions the model encodes")
+    elif not use_cache and tokens.shape[1] + max_new_tokens > size:
         raise ConfigError(f"prompt + {max_new_tokens} new tokens exceed the {size}-token window; "
                           "the sliding window needs the KV cache")
     stepper = stepper_for(cfg, use_cache=use_cache, window=window, keep=keep)
@@ -170,7 +177,15 @@ def stop_token(tokenizer: Tokenizer, text: str) -> int:
 
 def generate_text(cfg: ModelConfig, params: Any, tokenizer: Tokenizer, prompts: Sequence[str],
                   *, stop_ids: Sequence[int] = (EOS,), **kwargs) -> list[str]:
-    """The continuation of each prompt text (without its stop token); `kwargs` as `generate`."""
+    """The continuation of each prompt text (without its stop token); `kwargs` as `generate`.
+    A decoder-only model continues [BOS] + the prompt; an encoder-decoder model reads the prompt
+    + [EOS] in its encoder (as in training) and writes its output from [BOS]."""
+    if cfg.family == "encoder_decoder":
+        ids = [tokenizer.encode(p) + [EOS] for p in prompts]
+        new = generate(cfg, params, ids, stop_ids=stop_ids, vocab_limit=tokenizer.vocab_size,
+                       **kwargs)
+        return [tokenizer.decode(row[:-1] if row and row[-1] in stop_ids else row)
+                for row in new]
     ids = [[BOS] + tokenizer.encode(p) for p in prompts]
     new = generate(cfg, params, ids, stop_ids=stop_ids, vocab_limit=tokenizer.vocab_size,
                    **kwargs)

@@ -9,7 +9,10 @@ before the model runs, so a text that starts with a space or a newline keeps its
 A vocabulary whose character map rewrites one of its user-defined pieces (a newline under
 nmt_nfkc) is refused: sentencepiece shields those pieces, tokenizers cannot.
 
-Known differences: unigram segmentations that tie in score (runs of whitespace-only pieces, in
+Known differences: a control piece written literally in a text ("[MASK]", "<extra_id_0>",
+"</s>") is that special token for Hugging Face clients (their convention, which fill-mask and T5
+prompts rely on), while Loom's sentencepiece model never makes a control piece from text (its
+pipelines insert them); unigram segmentations that tie in score (runs of whitespace-only pieces, in
 another order) may be resolved differently, since the two implementations sum scores in
 different precisions; with a BPE vocabulary, text right after a literal multi-character
 special piece ("[MASK]") gets a "▁" of its own. For BERT, where "[MASK]" in text is the point,
