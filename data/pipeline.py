@@ -271,7 +271,29 @@ def load_or_train_tokenizer(data_cfg: Mapping[str, Any], workdir: str | Path) ->
     It comes from `data.tokenizer.path` or is trained on a sample of the train split. On a later
     run it is re-read from the workdir, and a configured path holding a different vocabulary is an
     error instead of a silent switch.
+
+    With several processes, process 0 first prepares the corpus (tfds builders, cleaning cache)
+    and makes the vocabulary; the others wait for it and then read the same files, so hosts
+    never race on a shared data_dir or train different vocabularies.
     """
+    if jax.process_count() == 1:
+        return _load_or_train_tokenizer(data_cfg, workdir)
+    from jax.experimental import multihost_utils
+    if jax.process_index() == 0:
+        for split in {data_cfg["train_split"], data_cfg["eval_split"]}:
+            documents(data_cfg, split)
+        tokenizer = _load_or_train_tokenizer(data_cfg, workdir)
+    multihost_utils.sync_global_devices("loom: corpus prepared and vocabulary saved")
+    if jax.process_index() != 0:
+        if not (Path(workdir) / TOKENIZER_FILE).exists():
+            raise DataError(f"process {jax.process_index()} cannot see {workdir}/"
+                            f"{TOKENIZER_FILE}, which process 0 wrote: every host of a run needs "
+                            "the same --workdir on a shared filesystem")
+        tokenizer = _load_or_train_tokenizer(data_cfg, workdir)
+    return tokenizer
+
+
+def _load_or_train_tokenizer(data_cfg: Mapping[str, Any], workdir: str | Path) -> Tokenizer:
     tok_cfg = data_cfg["tokenizer"]
     run_copy = Path(workdir) / TOKENIZER_FILE
     configured = Tokenizer.load(tok_cfg["path"]) if tok_cfg["path"] else None

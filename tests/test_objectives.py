@@ -184,7 +184,7 @@ def test_objective_and_family_must_match(objective, family, message):
 def test_bad_family_configs_are_clear_errors():
     config = objective_config("mlm")
     config.eval.sample_prompt = "def "
-    with pytest.raises(ConfigError, match="eval.sample_prompt is for model.family='decoder'"):
+    with pytest.raises(ConfigError, match="eval.sample_prompt is for the families that generate"):
         validate(config)
     config = objective_config("electra")
     config.model.generator_scale = 1.5

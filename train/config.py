@@ -162,9 +162,10 @@ def validate(cfg: ConfigDict) -> None:
            f"model.family={model.family!r}; set --config.model.family={family}, or an objective "
            f"for {model.family!r} models: "
            f"{', '.join(o for o, f in OBJECTIVE_FAMILIES.items() if f == model.family)}")
-    _check(model.family == "decoder" or not cfg.eval.sample_prompt,
-           f"eval.sample_prompt is for model.family='decoder'; a {model.family!r} model prints "
-           "no text sample, so set --config.eval.sample_prompt=''")
+    _check(model.family in ("decoder", "encoder_decoder") or not cfg.eval.sample_prompt,
+           "eval.sample_prompt is for the families that generate (decoder, encoder_decoder); "
+           f"a {model.family!r} model prints no text sample, so set "
+           "--config.eval.sample_prompt=''")
     _check(train.steps > 0, f"train.steps must be positive, got {train.steps}")
     _check(train.log_every > 0, f"train.log_every must be positive, got {train.log_every}")
     _check(cfg.eval.every >= 0 and cfg.eval.steps > 0, "eval.every must be >= 0, eval.steps > 0")

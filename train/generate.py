@@ -236,8 +236,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                                   options=options, rng=jax.random.PRNGKey(args.seed),
                                   window=args.window, keep=args.keep,
                                   use_cache=not args.no_cache)
+        seq2seq = run.setup.model_cfg.family == "encoder_decoder"
         for prompt, text in zip(args.prompt, texts):
-            print(prompt + text, flush=True)
+            # a decoder continues its prompt; an encoder-decoder writes an output for its input
+            print(f"{prompt} -> {text}" if seq2seq else prompt + text, flush=True)
             if len(args.prompt) > 1:
                 print("-" * 40)
 
