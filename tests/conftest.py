@@ -4,6 +4,7 @@ The corpus is real text the machine already has (pydoc topics and standard-libra
 prepared once per session through the same tfds builder and tokenizer trainer users run.
 """
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
@@ -13,6 +14,11 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# Many tests compile the same small programs; a compilation cache shared by the session (and by
+# pytest-xdist workers) compiles each once. Keyed by the program and the jax version.
+jax.config.update("jax_compilation_cache_dir", os.environ.get(
+    "LOOM_TEST_COMPILATION_CACHE", os.path.join(tempfile.gettempdir(), "loom-test-xla-cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 from configs.base import get_config  # noqa: E402
 
