@@ -56,7 +56,9 @@ def parse_run(parser: argparse.ArgumentParser, argv: Sequence[str] | None
                          line for line in help_table(base_config()).splitlines()
                          if line.strip().startswith(("--config.data.", "--config.mesh.",
                                                      "--config.eval."))))
-    return parser.parse_known_args(argv)
+    parsed = parser.parse_known_args(argv)
+    quiet_libraries()
+    return parsed
 
 
 @contextlib.contextmanager
