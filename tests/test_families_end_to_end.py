@@ -49,7 +49,7 @@ def test_family_trains_evaluates_and_restores_on_real_text(config, tmp_path, cap
     if objective == "mlm":    # the NSP head is trained and evaluated next to the MLM loss
         assert 0 <= evals[-1]["pair_accuracy"] <= 1
     if objective == "span_corruption":
-        assert "--- sample after 6 steps ---\ndef main(" in capsys.readouterr().out
+        assert "--- sample after 6 steps ---\ndef main( -> " in capsys.readouterr().out
     # the best checkpoint, restored onto one device, evaluates to the training run's numbers
     best = min(evals, key=lambda r: r["loss"])
     eval_cli.run(tmp_path, "best", steps=2, devices=jax.devices()[:1])

@@ -198,6 +198,12 @@ def generate_text(cfg: ModelConfig, params: Any, tokenizer: Tokenizer, prompts: 
     return texts
 
 
+def shown(cfg: ModelConfig, prompt: str, text: str) -> str:
+    """A prompt with its generated text: a decoder continues the prompt; an encoder-decoder
+    writes an output for it, shown after an arrow."""
+    return f"{prompt} -> {text}" if cfg.family == "encoder_decoder" else prompt + text
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m train.generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -236,10 +242,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                   options=options, rng=jax.random.PRNGKey(args.seed),
                                   window=args.window, keep=args.keep,
                                   use_cache=not args.no_cache)
-        seq2seq = run.setup.model_cfg.family == "encoder_decoder"
         for prompt, text in zip(args.prompt, texts):
-            # a decoder continues its prompt; an encoder-decoder writes an output for its input
-            print(f"{prompt} -> {text}" if seq2seq else prompt + text, flush=True)
+            print(shown(run.setup.model_cfg, prompt, text), flush=True)
             if len(args.prompt) > 1:
                 print("-" * 40)
 

@@ -115,7 +115,7 @@ def _sample(setup: Setup, params: Any, tokenizer: Tokenizer) -> str | None:
         new = generate.generate_text(setup.model_cfg, params, tokenizer, [cfg.sample_prompt],
                                      max_new_tokens=cfg.sample_tokens, options=options,
                                      rng=jax.random.PRNGKey(0))[0]
-    return cfg.sample_prompt + new
+    return generate.shown(setup.model_cfg, cfg.sample_prompt, new)
 
 
 def train(config: ConfigDict, workdir: str | Path, *, progress: bool = True,
