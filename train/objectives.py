@@ -37,11 +37,13 @@ def token_cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights
                         z_loss: float = 0.0) -> tuple[jax.Array, Sums]:
     """Summed weighted next-token cross entropy (+ z-loss), with metric sums."""
     logits_BxTxV = logits_BxTxV.astype(jnp.float32)
-    log_z_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+    # one max over the vocabulary serves the stable log-sum-exp and the accuracy
+    max_BxT = jax.lax.stop_gradient(jnp.max(logits_BxTxV, axis=-1))
+    log_z_BxT = max_BxT + jnp.log(jnp.sum(jnp.exp(logits_BxTxV - max_BxT[..., None]), axis=-1))
     target_logit_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], -1)[..., 0]
     ce_sum = jnp.sum((log_z_BxT - target_logit_BxT) * weights_BxT)
     z_sum = jnp.sum(jnp.square(log_z_BxT) * weights_BxT)
-    correct = jnp.sum((jnp.argmax(logits_BxTxV, -1) == targets_BxT) * weights_BxT)
+    correct = jnp.sum((target_logit_BxT >= max_BxT) * weights_BxT)
     total = ce_sum + z_loss * z_sum
     return total, {"loss": ce_sum, "z_loss": z_sum, "accuracy": correct,
                    "weight": jnp.sum(weights_BxT)}
