@@ -17,7 +17,8 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # Many tests compile the same small programs; a compilation cache shared by the session (and by
 # pytest-xdist workers) compiles each once. Keyed by the program and the jax version.
 jax.config.update("jax_compilation_cache_dir", os.environ.get(
-    "LOOM_TEST_COMPILATION_CACHE", os.path.join(tempfile.gettempdir(), "loom-test-xla-cache")))
+    "LOOM_TEST_COMPILATION_CACHE",
+    os.path.join(tempfile.gettempdir(), f"loom-test-xla-cache-{os.getuid()}")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 from configs.base import get_config  # noqa: E402
