@@ -9,6 +9,7 @@ import jax.numpy as jnp
 # decoder: causal LM; encoder: BERT-style bidirectional LM with MLM and sentence-pair heads;
 # encoder_decoder: T5-style seq2seq; electra: a small generator and an encoder discriminator.
 FAMILIES = ("decoder", "encoder", "encoder_decoder", "electra")
+GENERATIVE_FAMILIES = ("decoder", "encoder_decoder")   # decode autoregressively, generate text
 CHOICES = {
     "mlp": ("swiglu", "gelu"),
     "norm": ("rmsnorm", "layernorm"),

@@ -10,7 +10,7 @@ from typing import Any, Iterator, Sequence
 from ml_collections import ConfigDict
 
 from configs.base import HELP
-from model.config import ModelConfig, ModelConfigError
+from model.config import GENERATIVE_FAMILIES, ModelConfig, ModelConfigError
 from model.sharding import MeshError, rules_from_config
 
 # Each objective and the model family it trains (train/objectives.py implements them).
@@ -162,7 +162,7 @@ def validate(cfg: ConfigDict) -> None:
            f"model.family={model.family!r}; set --config.model.family={family}, or an objective "
            f"for {model.family!r} models: "
            f"{', '.join(o for o, f in OBJECTIVE_FAMILIES.items() if f == model.family)}")
-    _check(model.family in ("decoder", "encoder_decoder") or not cfg.eval.sample_prompt,
+    _check(model.family in GENERATIVE_FAMILIES or not cfg.eval.sample_prompt,
            "eval.sample_prompt is for the families that generate (decoder, encoder_decoder); "
            f"a {model.family!r} model prints no text sample, so set "
            "--config.eval.sample_prompt=''")

@@ -42,6 +42,7 @@ import model as model_lib
 from data.tokenizer import BOS
 from model import encoder_decoder
 from model.config import ModelConfig
+from train.config import ConfigError
 
 Prompt = Mapping[str, jax.Array]
 
@@ -304,5 +305,5 @@ def stepper_for(cfg: ModelConfig, *, use_cache: bool = True, window: int = 0,
     if cfg.family == "encoder_decoder":
         return CachedEncoderDecoder(cfg, window) if use_cache else \
             RecomputeEncoderDecoder(cfg, window)
-    raise ValueError(f"model.family={cfg.family!r} does not generate text: an encoder predicts "
-                     "masked tokens in place; decode with a decoder or encoder_decoder model")
+    raise ConfigError(f"model.family={cfg.family!r} does not generate text (an encoder "
+                      "predicts masked tokens in place); use train.eval to score it")

@@ -131,9 +131,6 @@ def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], *,
     """
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if cfg.family not in ("decoder", "encoder_decoder"):
-        raise ConfigError(f"model.family={cfg.family!r} does not generate text (an encoder "
-                          "predicts masked tokens in place); use train.eval to score it")
     size = window or cfg.max_len
     if cfg.pos != "rope" and size > cfg.max_len:
         raise ConfigError(f"window {size} exceeds model.max_len={cfg.max_len}, the most "

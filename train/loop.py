@@ -107,7 +107,7 @@ def _check_resumable(saved: dict[str, Any], config: ConfigDict, path: Path) -> N
 
 def _sample(setup: Setup, params: Any, tokenizer: Tokenizer) -> str | None:
     cfg = setup.config.eval
-    if not cfg.sample_prompt or setup.model_cfg.family not in ("decoder", "encoder_decoder"):
+    if not cfg.sample_prompt:   # validate() allows one only for the generative families
         return None
     options = generate.Options("sample" if cfg.sample_temperature > 0 else "greedy",
                                temperature=cfg.sample_temperature, top_k=40)
