@@ -17,8 +17,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from data import pipeline
+from configs.loader import parse
+from data import config as data_config, pipeline
 from data.tokenizer import Tokenizer
+from errors import fail_cleanly
 
 
 def raw_encode_speed(data_cfg: Mapping[str, Any], tokenizer: Tokenizer, max_chars: int,
@@ -77,7 +79,7 @@ def pipeline_speed(data_cfg: Mapping[str, Any], tokenizer: Tokenizer, objective:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from train.cli import fail_cleanly, parse
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m data.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--objective", default=None,
@@ -93,12 +95,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="characters encoded for the raw sentencepiece figure")
     parser.add_argument("--workdir", default="runs/data_benchmark",
                         help="where the tokenizer is trained (once) if data.tokenizer.path is ''")
-    with fail_cleanly():
+    with fail_cleanly("--verbose" in argv):
         args, config = parse(parser, argv)
         objective = args.objective or config.train.objective
         if objective not in pipeline.ROWS:
             parser.error(f"--objective {objective!r}: choose one of {sorted(pipeline.ROWS)}")
-        pipeline.check_config(config.data)
+        data_config.check(config.data, objective)
         tokenizer = pipeline.load_or_train_tokenizer(config.data, args.workdir)
         num_batches = args.batches or max(
             20, -(-4 * config.data.shuffle_window // config.data.batch_size))

@@ -21,7 +21,7 @@ from tensorflow_datasets.proto import tf_example_pb2
 
 from data import cleaning, sources
 from data.mixture import Source
-from data.sources import DataError
+from errors import DataError
 
 SPLITS = ("train", "validation")
 log = logging.getLogger("loom.data")
@@ -86,8 +86,6 @@ def corpus_config(source: Source, data_cfg: Mapping[str, Any]) -> CorpusConfig:
     if source.kind == "python_stdlib":
         fingerprint = sources.python_stdlib_fingerprint()
     else:
-        if not source.paths:
-            raise DataError("data.source=text_files needs data.paths (globs of text files)")
         if not sources.expand(source.paths):
             raise DataError(f"data.paths {list(source.paths)} match no files; check the paths "
                             "or globs")
@@ -134,8 +132,8 @@ def prepared_tfds(name: str, directory: str | None) -> tfds.core.DatasetBuilder:
         raise DataError("data.source=tfds needs data.tfds_name (e.g. lm1b, c4/en:3.1.0)")
     try:
         builder = tfds.builder(name, data_dir=directory)
-    except Exception as e:  # tfds raises several types for unknown names
-        raise DataError(f"tfds dataset {name!r} cannot be loaded: {e}") from None
+    except (ValueError, KeyError, OSError) as e:  # unknown or malformed names, unreadable dirs
+        raise DataError(f"tfds dataset {name!r} cannot be loaded: {e}") from e
     if not builder.is_prepared():
         raise DataError(f"tfds dataset {name!r} is not prepared in {builder.data_dir}; prepare it "
                         "there first (Loom never downloads at run time) or set data.data_dir")
@@ -150,8 +148,8 @@ def data_source(builder: tfds.core.DatasetBuilder, split: str, text_field: str) 
                         f"features are {sorted(features.keys())}")
     try:
         return builder.as_data_source(split=split)
-    except Exception as e:
-        raise DataError(f"split {split!r} of {builder.name}: {e}") from None
+    except (ValueError, KeyError, OSError) as e:   # unknown split names, split syntax, files
+        raise DataError(f"split {split!r} of {builder.name}: {e}") from e
 
 
 def as_text(record: Mapping[str, Any], field: str) -> str:

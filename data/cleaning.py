@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 from etils import epath
 
-from data.sources import DataError
+from configs.base import get_config as base_config
+from errors import DataError
 
 NORMAL_FORMS = ("", "NFC", "NFKC", "NFD", "NFKD")
 # C0/C1 control characters except tab and line feed, DEL, and the byte-order mark.
@@ -36,13 +37,18 @@ log = logging.getLogger("loom.data")
 
 @dataclasses.dataclass(frozen=True)
 class CleanConfig:
-    """The `data.clean` section (see configs/base.py for each key's meaning)."""
-    normalize: str = "NFC"
-    strip_control: bool = True
-    collapse_whitespace: bool = False
-    min_chars: int = 1
-    max_chars: int = 0
-    dedup: bool = True
+    """The `data.clean` section (configs/base.py states each key's default and meaning)."""
+    normalize: str
+    strip_control: bool
+    collapse_whitespace: bool
+    min_chars: int
+    max_chars: int
+    dedup: bool
+
+    @classmethod
+    def create(cls, **changes: Any) -> "CleanConfig":
+        """configs/base.py's `data.clean` with `changes`, checked."""
+        return cls.from_mapping({**base_config().data.clean.to_dict(), **changes})
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any]) -> "CleanConfig":

@@ -17,7 +17,8 @@ import numpy as np
 
 from data import packing, sentence_pairs
 from data.packing import Doc, Example
-from data.sources import DataError
+from configs.base import get_config as base_config
+from errors import DataError
 from data.tokenizer import CLS, MASK, NEWLINE, SEP, Tokenizer
 
 PAIR_MODES = ("none", "nsp", "sop")
@@ -25,12 +26,17 @@ PAIR_MODES = ("none", "nsp", "sop")
 
 @dataclasses.dataclass(frozen=True)
 class MaskConfig:
-    """The `data.mlm` section (see configs/base.py)."""
-    rate: float = 0.15
-    mask_fraction: float = 0.8
-    random_fraction: float = 0.1
-    whole_word: bool = False
-    sentence_pairs: str = "none"
+    """The `data.mlm` section (configs/base.py states each key's default and meaning)."""
+    rate: float
+    mask_fraction: float
+    random_fraction: float
+    whole_word: bool
+    sentence_pairs: str
+
+    @classmethod
+    def create(cls, **changes: Any) -> "MaskConfig":
+        """configs/base.py's `data.mlm` with `changes`, checked."""
+        return cls.from_mapping({**base_config().data.mlm.to_dict(), **changes})
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any]) -> "MaskConfig":

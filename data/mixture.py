@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 import grain
 
-from data.sources import DataError
+from errors import DataError
 
 KINDS = ("python_stdlib", "text_files", "tfds")
 
@@ -54,6 +54,12 @@ def sources(data_cfg: Mapping[str, Any]) -> list[Source]:
     if not mixture:
         if data_cfg["source"] not in KINDS:
             raise DataError(f"data.source={data_cfg['source']!r}: choose one of {KINDS}")
+        if data_cfg["source"] == "text_files" and not data_cfg["paths"]:
+            raise DataError("data.source=text_files needs data.paths (globs of text files), "
+                            "e.g. --config.data.paths='docs/*.txt'")
+        if data_cfg["source"] == "tfds" and not data_cfg["tfds_name"]:
+            raise DataError("data.source=tfds needs data.tfds_name, e.g. "
+                            "--config.data.tfds_name=lm1b (or c4/en:3.1.0)")
         return [Source(kind=data_cfg["source"], paths=tuple(data_cfg["paths"]),
                        tfds_name=data_cfg["tfds_name"], text_field=data_cfg["text_field"])]
     parsed = []

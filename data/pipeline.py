@@ -23,12 +23,13 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from data import builder as builder_lib
+from data import config as data_config
 from data import masking, mixture, packing, shuffling, span_corruption
 from data import tokenizer as tokenizer_lib
 from data.cleaning import CleanConfig
 from data.interleave import InterleaveExamples
 from data.packing import Doc
-from data.sources import DataError
+from errors import DataError
 from data.tokenizer import Tokenizer
 
 TOKENIZER_FILE = tokenizer_lib.MODEL_FILE
@@ -93,19 +94,6 @@ class _Partner:
         return text
 
 
-def target_length(data_cfg: Mapping[str, Any], objective: str) -> int:
-    """Decoder length S of the encoder-decoder objectives (data.target_len, or derived)."""
-    seq_len, configured = data_cfg["seq_len"], data_cfg["target_len"]
-    if objective == "prefix_lm":
-        return configured or seq_len
-    _, needed = span_corruption.chunk_and_target_lengths(
-        seq_len, span_corruption.SpanConfig.from_mapping(data_cfg["spans"]))
-    if configured and configured < needed:
-        raise DataError(f"data.target_len={configured} is too short for span corruption of "
-                        f"data.seq_len={seq_len} (it needs {needed}); set it to 0 (automatic)")
-    return configured or needed
-
-
 def _clm_rows(docs, partners, tokenizer, data_cfg, cycle_length):
     seq_len = data_cfg["seq_len"]
     pieces = InterleaveExamples(docs, packing.ClmExamples(tokenizer, seq_len), cycle_length)
@@ -128,11 +116,11 @@ def _span_corruption_rows(docs, partners, tokenizer, data_cfg, cycle_length):
         tokenizer, cfg, chunk_len, span_corruption.sentinel_ids(tokenizer, chunk_len, cfg))
     return span_corruption.encoder_decoder_rows(
         InterleaveExamples(docs, make, cycle_length), data_cfg["seq_len"],
-        target_length(data_cfg, "span_corruption"), packing_rows=data_cfg["packing"])
+        data_config.target_length(data_cfg, "span_corruption"), packing_rows=data_cfg["packing"])
 
 
 def _prefix_lm_rows(docs, partners, tokenizer, data_cfg, cycle_length):
-    seq_len, target_len = data_cfg["seq_len"], target_length(data_cfg, "prefix_lm")
+    seq_len, target_len = data_cfg["seq_len"], data_config.target_length(data_cfg, "prefix_lm")
     make = span_corruption.PrefixLmExamples(tokenizer, seq_len, target_len)
     return span_corruption.encoder_decoder_rows(
         InterleaveExamples(docs, make, cycle_length), seq_len, target_len,
@@ -250,19 +238,6 @@ def _local_batch(global_batch: int) -> int:
         raise DataError(f"data.batch_size={global_batch} is not divisible by the "
                         f"{jax.process_count()} processes")
     return global_batch // jax.process_count()
-
-
-def check_config(data_cfg: Mapping[str, Any]) -> None:
-    """Every data key that can be checked without reading data; a bad one raises DataError."""
-    mixture.sources(data_cfg)
-    CleanConfig.from_mapping(data_cfg["clean"])
-    masking.MaskConfig.from_mapping(data_cfg["mlm"])
-    span_corruption.SpanConfig.from_mapping(data_cfg["spans"])
-    for key in ("num_epochs", "target_len", "worker_count", "max_docs"):
-        if data_cfg[key] < 0:
-            raise DataError(f"data.{key} must be >= 0, got {data_cfg[key]}")
-    if data_cfg["seq_len"] < 8:
-        raise DataError(f"data.seq_len={data_cfg['seq_len']} is too short; use at least 8")
 
 
 def load_or_train_tokenizer(data_cfg: Mapping[str, Any], workdir: str | Path) -> Tokenizer:

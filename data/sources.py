@@ -13,6 +13,7 @@ import sys
 import sysconfig
 from pathlib import Path
 from typing import Iterator, Sequence
+from errors import DataError
 
 Document = tuple[str, str]
 
@@ -21,8 +22,6 @@ _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", 
                 "ensurepip", "lib2to3", "pydoc_data", "__pycache__", "turtledemo"}
 
 
-class DataError(ValueError):
-    """Bad data input (missing path, unreadable file, missing field); the message says which."""
 
 
 def stdlib_dir() -> Path:

@@ -18,15 +18,21 @@ import numpy as np
 
 from data import packing
 from data.packing import Doc, Example
-from data.sources import DataError
+from configs.base import get_config as base_config
+from errors import DataError
 from data.tokenizer import BOS, EOS, NUM_SENTINELS, Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
 class SpanConfig:
-    """The `data.spans` section (see configs/base.py)."""
-    noise_density: float = 0.15
-    mean_length: float = 3.0
+    """The `data.spans` section (configs/base.py states each key's default and meaning)."""
+    noise_density: float
+    mean_length: float
+
+    @classmethod
+    def create(cls, **changes: Any) -> "SpanConfig":
+        """configs/base.py's `data.spans` with `changes`, checked."""
+        return cls.from_mapping({**base_config().data.spans.to_dict(), **changes})
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any]) -> "SpanConfig":

@@ -24,7 +24,8 @@ import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-from data.sources import DataError
+from configs.base import get_config as base_config
+from errors import DataError, fail_cleanly
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 NEWLINE = "\n"
@@ -176,15 +177,13 @@ def _lines(texts: Iterable[str], max_chars: int, max_line: int) -> Iterator[str]
                     return
 
 
-def train(texts: Iterable[str], *, vocab_size: int, model_type: str = "unigram",
-          max_chars: int = 5_000_000, character_coverage: float = 0.9995,
-          num_threads: int | None = None) -> Tokenizer:
-    """Trains a sentencepiece model on a bounded sample of `texts`.
+MODEL_TYPES = ("unigram", "bpe")
+DEFAULTS = base_config().data.tokenizer    # configs/base.py states the defaults once
 
-    `character_coverage` is the share of characters that get pieces of their own; the rest fall
-    back to bytes. 1.0 keeps every character of a CJK corpus whole; 0.9995 suits alphabets.
-    """
-    if model_type not in ("unigram", "bpe"):
+
+def check_settings(vocab_size: int, model_type: str, character_coverage: float) -> None:
+    """The training settings `train` accepts; checked before any text is read."""
+    if model_type not in MODEL_TYPES:
         raise DataError(f"tokenizer model_type {model_type!r}: choose unigram or bpe")
     if not 0.9 <= character_coverage <= 1.0:
         raise DataError(f"tokenizer character_coverage={character_coverage} must be in [0.9, 1]")
@@ -192,6 +191,18 @@ def train(texts: Iterable[str], *, vocab_size: int, model_type: str = "unigram",
     if vocab_size < minimum:
         raise DataError(f"tokenizer vocab_size {vocab_size} is too small: the special tokens and "
                         f"byte fallback alone need {minimum - 16}; use at least {minimum}")
+
+
+def train(texts: Iterable[str], *, vocab_size: int, model_type: str = DEFAULTS.model_type,
+          max_chars: int = DEFAULTS.sample_chars,
+          character_coverage: float = DEFAULTS.character_coverage,
+          num_threads: int | None = None) -> Tokenizer:
+    """Trains a sentencepiece model on a bounded sample of `texts`.
+
+    `character_coverage` is the share of characters that get pieces of their own; the rest fall
+    back to bytes. 1.0 keeps every character of a CJK corpus whole; 0.9995 suits alphabets.
+    """
+    check_settings(vocab_size, model_type, character_coverage)
     max_line = 1 << 14
     sample = _lines(texts, max_chars, max_line)
     first = next(sample, None)
@@ -223,7 +234,7 @@ def input_texts(spec: str, *, text_field: str = "text", data_dir: str | None = N
     """Cleaned documents of `spec` in a seeded random order: a glob of local files, or the name
     of a tfds dataset prepared in `data_dir`."""
     from data import builder, cleaning, sources
-    clean = cleaning.CleanConfig()
+    clean = cleaning.CleanConfig.create()
     files = sources.expand([spec])
     if files:
         order = np.random.default_rng(seed).permutation(len(files))
@@ -237,6 +248,7 @@ def input_texts(spec: str, *, text_field: str = "text", data_dir: str | None = N
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m data.tokenizer",
                                      description="Train a Loom sentencepiece vocabulary.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -244,27 +256,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--input", required=True,
                    help="glob of .txt/.jsonl/source files, or a tfds dataset name in --data-dir")
     p.add_argument("--vocab-size", type=int, required=True)
-    p.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
+    p.add_argument("--model-type", choices=MODEL_TYPES, default=DEFAULTS.model_type)
     p.add_argument("--out", required=True, help=f"directory to write {MODEL_FILE} into")
-    p.add_argument("--character-coverage", type=float, default=0.9995,
+    p.add_argument("--character-coverage", type=float, default=DEFAULTS.character_coverage,
                    help="share of characters kept whole (1.0 for CJK); the rest become bytes")
-    p.add_argument("--sample-chars", type=int, default=5_000_000,
+    p.add_argument("--sample-chars", type=int, default=DEFAULTS.sample_chars,
                    help="characters of the corpus to train on")
-    p.add_argument("--text-field", default="text", help=".jsonl field / tfds feature of the text")
+    p.add_argument("--text-field", default=base_config().data.text_field,
+                   help=".jsonl field / tfds feature of the text")
     p.add_argument("--split", default="train", help="tfds split to sample")
     p.add_argument("--data-dir", default=None, help="tfds data dir of a named dataset")
+    p.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    try:
+    with fail_cleanly(args.verbose):
         tokenizer = train(input_texts(args.input, text_field=args.text_field,
                                       data_dir=args.data_dir, split=args.split),
                           vocab_size=args.vocab_size, model_type=args.model_type,
                           max_chars=args.sample_chars,
                           character_coverage=args.character_coverage)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    out = Path(args.out).expanduser() / MODEL_FILE
-    tokenizer.save(out)
+        out = Path(args.out).expanduser() / MODEL_FILE
+        tokenizer.save(out)
     print(f"wrote {out}: {tokenizer.vocab_size} pieces, fingerprint {tokenizer.fingerprint}")
 
 

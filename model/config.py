@@ -6,10 +6,12 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from configs.base import get_config as base_config
+from errors import ModelConfigError
+
 # decoder: causal LM; encoder: BERT-style bidirectional LM with MLM and sentence-pair heads;
 # encoder_decoder: T5-style seq2seq; electra: a small generator and an encoder discriminator.
 FAMILIES = ("decoder", "encoder", "encoder_decoder", "electra")
-GENERATIVE_FAMILIES = ("decoder", "encoder_decoder")   # decode autoregressively, generate text
 CHOICES = {
     "mlp": ("swiglu", "gelu"),
     "norm": ("rmsnorm", "layernorm"),
@@ -21,39 +23,37 @@ CHOICES = {
 }
 
 
-class ModelConfigError(ValueError):
-    """A model hyper-parameter that cannot work; the message names the key."""
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    family: str = "decoder"
-    vocab_size: int = 32000
-    d_model: int = 768
-    n_heads: int = 12
-    n_kv_heads: int = 0
-    head_dim: int = 0
-    n_layers: int = 12
-    d_ff: int = 2048
-    mlp: str = "swiglu"
-    norm: str = "rmsnorm"
-    norm_eps: float = 1e-6
-    pos: str = "rope"
-    rope_theta: float = 10000.0
-    max_len: int = 2048
-    tie_embeddings: bool = True
-    use_bias: bool = False
-    dropout: float = 0.0
-    dtype: str = "bfloat16"
-    param_dtype: str = "float32"
-    scan_layers: bool = True
-    remat: str = "none"
-    attention: str = "auto"
-    init_std: float = 0.02
-    type_vocab_size: int = 2        # encoder, electra: token types (sentence A/B); 0 = none
-    post_norm: bool = False         # encoder, electra: BERT's post-LN blocks instead of pre-norm
-    n_decoder_layers: int = 0       # encoder_decoder: decoder blocks (n_layers: encoder); 0 = same
-    generator_scale: float = 0.25   # electra: generator width / discriminator width
+    """Every key of the config's `model` section. Defaults are stated once, in configs/base.py:
+    `create(...)` and `from_mapping(...)` start from them."""
+    family: str
+    vocab_size: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    n_layers: int
+    d_ff: int
+    mlp: str
+    norm: str
+    norm_eps: float
+    pos: str
+    rope_theta: float
+    max_len: int
+    tie_embeddings: bool
+    use_bias: bool
+    dropout: float
+    dtype: str
+    param_dtype: str
+    scan_layers: bool
+    remat: str
+    attention: str
+    init_std: float
+    type_vocab_size: int  # encoder, electra: token types (sentence A/B); 0 = none
+    post_norm: bool  # encoder, electra: BERT's post-LN blocks instead of pre-norm
+    n_decoder_layers: int  # encoder_decoder: decoder blocks (n_layers: encoder); 0 = same
+    generator_scale: float  # electra: generator width / discriminator width
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -112,13 +112,19 @@ class ModelConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], **overrides: Any) -> "ModelConfig":
-        """Builds from a config section (a ConfigDict or dict); unknown keys are an error."""
+        """Builds from a config section (a ConfigDict or dict) and `overrides`; a key left out
+        takes configs/base.py's default; unknown keys are an error."""
         values = dict(values, **overrides)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ModelConfigError(f"unknown model keys {unknown}; known keys: {sorted(known)}")
-        return cls(**values)
+        return cls(**{**base_config().model.to_dict(), **values})
+
+    @classmethod
+    def create(cls, **values: Any) -> "ModelConfig":
+        """configs/base.py's model with `values` changed (vocab_size has no default: set it)."""
+        return cls.from_mapping(values)
 
     @property
     def kv_heads(self) -> int:

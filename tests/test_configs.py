@@ -5,13 +5,15 @@ import os
 import jax
 import pytest
 
-import model as model_lib
+from train import families
 from configs.base import HELP, get_config
-from train.config import flat_items, load, validate
-from train.loop import build
+from configs.loader import flat_items, load
+from train.config import validate
+from train.setup import build
 
-CONFIGS = sorted(p for p in glob.glob("configs/*.py") if not p.endswith("__init__.py")
-                 and not p.endswith("base.py"))
+# experiment files: those defining get_config(), apart from the base they derive from
+CONFIGS = sorted(p for p in glob.glob("configs/*.py") if not p.endswith("base.py")
+                 and "def get_config(" in open(p).read())
 EXPECTED_PARAMS_M = {"gpt_125m": (100, 150), "gpt_350m": (300, 420), "gpt_1_3b": (1150, 1500)}
 
 
@@ -28,7 +30,7 @@ def test_shipped_config_builds(path):
         config.model.vocab_size = config.data.tokenizer.vocab_size
     setup = build(config)       # shapes and shardings only: nothing is allocated
     shapes = jax.eval_shape(lambda: setup.model.init(jax.random.PRNGKey(0),
-                                                     *model_lib.init_inputs(setup.model_cfg)))
+                                                     *families.init_inputs(setup.model_cfg)))
     n = sum(x.size for x in jax.tree.leaves(shapes)) / 1e6
     name = os.path.basename(path)[:-3]
     if name in EXPECTED_PARAMS_M:

@@ -8,7 +8,7 @@ import pytest
 
 from data import builder, mixture, pipeline
 from data.packing import document_pieces
-from data.sources import DataError
+from errors import DataError
 from data.tokenizer import BOS, EOS, Tokenizer
 
 

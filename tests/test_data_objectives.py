@@ -9,7 +9,7 @@ import pytest
 
 from data import masking, pipeline, sentence_pairs, span_corruption
 from data.packing import Doc
-from data.sources import DataError
+from errors import DataError
 from data.tokenizer import CLS, MASK, SEP, Tokenizer
 
 INT, FLOAT = np.int32, np.float32
@@ -89,7 +89,7 @@ def test_every_objective_yields_its_batch_layout(config, tokenizer, objective, p
 
 
 def _mlm_examples(tokenizer, texts, **mlm):
-    cfg = masking.MaskConfig(**mlm)
+    cfg = masking.MaskConfig.create(**mlm)
     make = masking.MlmExamples(tokenizer, masking.Vocab.of(tokenizer), cfg, seq_len=128)
     return [e for doc in _docs(texts) for e in make(doc)]
 
@@ -148,7 +148,7 @@ def _pair_texts(tokenizer, example):
 def test_sentence_pairs_are_true_next_or_random_or_swapped(tokenizer, topics, mode):
     docs = [t for t in topics if len(t) > 2000]
     partner = pipeline._Partner(grain.MapDataset.source(docs))
-    cfg = masking.MaskConfig(sentence_pairs=mode)
+    cfg = masking.MaskConfig.create(sentence_pairs=mode)
     make = masking.MlmExamples(tokenizer, masking.Vocab.of(tokenizer), cfg, 96, partner)
     labels, foreign = [], []
     for doc in _docs(docs):
@@ -180,7 +180,7 @@ def test_sentences_cover_the_text_exactly(topics):
 
 
 def _span_examples(tokenizer, texts, seq_len=128, **spans):
-    cfg = span_corruption.SpanConfig(**spans)
+    cfg = span_corruption.SpanConfig.create(**spans)
     chunk, target_len = span_corruption.chunk_and_target_lengths(seq_len, cfg)
     sentinels = span_corruption.sentinel_ids(tokenizer, chunk, cfg)
     make = span_corruption.SpanCorruptionExamples(tokenizer, cfg, chunk, sentinels)
@@ -262,7 +262,7 @@ def test_electra_gets_generator_inputs_with_its_own_replacement_split(config, to
 
 def test_masking_settings_are_checked(config, tokenizer):
     for key, value in [("rate", 0.0), ("mask_fraction", 0.95), ("sentence_pairs", "both")]:
-        bad = dataclasses.replace(masking.MaskConfig(), **{key: value})
+        bad = dataclasses.replace(masking.MaskConfig.create(), **{key: value})
         with pytest.raises(DataError, match=f"data.mlm.{key}"):
             masking.MaskConfig.from_mapping(dataclasses.asdict(bad))
     config.data.update(target_len=4)

@@ -10,7 +10,7 @@ import tensorflow_datasets as tfds
 
 from data import builder, cleaning, mixture, pipeline
 from data.cleaning import CleanConfig
-from data.sources import DataError
+from errors import DataError
 from data.tokenizer import Tokenizer
 
 
@@ -53,16 +53,16 @@ def tfds_dir(tmp_path_factory):
 
 
 def test_cleaning_normalises_text():
-    clean = CleanConfig()
+    clean = CleanConfig.create()
     assert clean.text("Cafe\u0301\r\nline\x00 two\ufeff\rend") == "Caf\u00e9\nline two\nend"
-    assert CleanConfig(normalize="NFKC").text("\ufb01le \u2460") == "file 1"
-    assert CleanConfig(normalize="").text("e\u0301") == "e\u0301"
-    collapsed = CleanConfig(collapse_whitespace=True).text("a  \t b  \n\n\n\nc\u3000d \n")
+    assert CleanConfig.create(normalize="NFKC").text("\ufb01le \u2460") == "file 1"
+    assert CleanConfig.create(normalize="").text("e\u0301") == "e\u0301"
+    collapsed = CleanConfig.create(collapse_whitespace=True).text("a  \t b  \n\n\n\nc\u3000d \n")
     assert collapsed == "a b\n\nc d"
     assert clean.text("def f():\n\tif x:\n        return 1\n") == \
         "def f():\n\tif x:\n        return 1\n"                  # code keeps its indentation
     with pytest.raises(DataError, match="data.clean.normalize"):
-        CleanConfig.from_mapping(dict(vars(CleanConfig())) | {"normalize": "NFX"})
+        CleanConfig.from_mapping(dict(vars(CleanConfig.create())) | {"normalize": "NFX"})
 
 
 def test_filters_drop_and_count_empty_short_long_and_duplicate_documents():
@@ -73,13 +73,13 @@ def test_filters_drop_and_count_empty_short_long_and_duplicate_documents():
     for i, group in enumerate(bad.values()):
         for j, text in enumerate(group):
             texts.insert(17 * i + 5 * j + 11, text)
-    kept = cleaning.filter_documents(texts, CleanConfig(min_chars=20, max_chars=2000))
+    kept = cleaning.filter_documents(texts, CleanConfig.create(min_chars=20, max_chars=2000))
     assert kept.counts == {"documents": len(texts), "kept": len(good),
                            **{reason: len(group) for reason, group in bad.items()}}
     assert [texts[i] for i in kept.indices] == good           # first copies, in order
     report = kept.report("corpus")
     assert "2 empty, 2 too short, 1 too long, 2 duplicate" in report
-    nothing = cleaning.filter_documents(texts, CleanConfig(min_chars=0, dedup=False))
+    nothing = cleaning.filter_documents(texts, CleanConfig.create(min_chars=0, dedup=False))
     assert nothing.counts["kept"] == len(texts)
 
 

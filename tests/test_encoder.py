@@ -9,11 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import ModelConfig, ModelConfigError, build
+from model import ModelConfig
+from train.families import build
+from errors import ModelConfigError
 from model.sharding import unboxed
 
 # Unrolled layers: an eager nn.scan recompiles on every call, which would dominate these tests.
-BASE = ModelConfig(family="encoder", vocab_size=97, d_model=32, n_heads=4, n_kv_heads=2,
+BASE = ModelConfig.create(family="encoder", vocab_size=97, d_model=32, n_heads=4, n_kv_heads=2,
                    n_layers=2, d_ff=48, max_len=32, dtype="float32", init_std=0.1,
                    scan_layers=False)
 BERT = dict(post_norm=True, norm="layernorm", mlp="gelu", use_bias=True, pos="learned")

@@ -9,13 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import model as model_lib
-from model import ModelConfig, build
+from train import families
+from model import ModelConfig
+from train.families import build
 from model.encoder_decoder import init_cache
 from model.sharding import unboxed
 
 # Unrolled layers: an eager nn.scan recompiles on every call, which would dominate these tests.
-BASE = ModelConfig(family="encoder_decoder", vocab_size=97, d_model=32, n_heads=4, n_kv_heads=2,
+BASE = ModelConfig.create(family="encoder_decoder", vocab_size=97, d_model=32, n_heads=4, n_kv_heads=2,
                    n_layers=2, n_decoder_layers=1, d_ff=48, max_len=32, dtype="float32",
                    init_std=0.1, scan_layers=False)
 VARIANT = dataclasses.replace(BASE, pos="learned", tie_embeddings=False, norm="layernorm",
@@ -35,7 +36,7 @@ def forward(cfg):
 @functools.cache
 def params_of(cfg):
     # eager: the per-shape initialiser programs are shared with every other same-sized model
-    return unboxed(build(cfg).init(jax.random.PRNGKey(0), *model_lib.init_inputs(cfg))["params"])
+    return unboxed(build(cfg).init(jax.random.PRNGKey(0), *families.init_inputs(cfg))["params"])
 
 
 @pytest.mark.parametrize("cfg", [BASE, VARIANT], ids=["base", "variant"])
@@ -136,7 +137,7 @@ def test_scan_matches_unrolled_layers():
 def test_every_param_has_logical_names():
     for cfg in (dataclasses.replace(BASE, scan_layers=True), VARIANT):
         boxed = jax.eval_shape(lambda: build(cfg).init(
-            jax.random.PRNGKey(0), *model_lib.init_inputs(cfg)))["params"]
+            jax.random.PRNGKey(0), *families.init_inputs(cfg)))["params"]
         leaves = jax.tree.leaves(boxed, is_leaf=lambda v: isinstance(v, nn.meta.AxisMetadata))
         assert leaves and all(isinstance(v, nn.LogicallyPartitioned) for v in leaves)
         for v in leaves:
@@ -148,7 +149,7 @@ def test_every_param_has_logical_names():
 def test_flops_count_decoder_tokens_separately():
     cfg = dataclasses.replace(BASE, scan_layers=True)
     n = sum(x.size for x in jax.tree.leaves(params_of(BASE)))
-    short, long = (model_lib.flops_per_token(cfg, n, 16, s) for s in (4, 8))
+    short, long = (families.flops_per_token(cfg, n, 16, s) for s in (4, 8))
     dec_params = sum(x.size for x in jax.tree.leaves(params_of(BASE)["decoder"]))
     # four more decoder tokens per 16 encoder tokens: their matmuls, output projection and
     # attention (self over 4..8 keys, cross over 16) cost more than the decoder's 6N share

@@ -17,17 +17,18 @@ import sentencepiece as spm  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-import model as model_lib  # noqa: E402
+from train import families  # noqa: E402
 from configs.base import get_config  # noqa: E402
 from data import pipeline  # noqa: E402
 from data import tokenizer as tokenizer_lib  # noqa: E402
 from data.tokenizer import BOS, Tokenizer  # noqa: E402
-from model.config import ModelConfig, ModelConfigError  # noqa: E402
+from model.config import ModelConfig  # noqa: E402
+from errors import ModelConfigError  # noqa: E402
 from model.layers import rope  # noqa: E402
-from train import export, hf_tokenizer  # noqa: E402
-from train.checkpoint import CheckpointError  # noqa: E402
-from train.config import load  # noqa: E402
-from train.hf_layout import flat_unrolled  # noqa: E402
+from train.hf import convert as export, tokenizer as hf_tokenizer  # noqa: E402
+from errors import CheckpointError  # noqa: E402
+from configs.loader import load  # noqa: E402
+from train.hf.layout import flat_unrolled  # noqa: E402
 from train.loop import read_metrics, train  # noqa: E402
 from train.restore import restore  # noqa: E402
 
@@ -45,16 +46,16 @@ CASES = {
 
 def random_params(cfg: ModelConfig, seed: int = 0):
     """Every parameter random (norm scales and biases too, so each one's mapping is tested)."""
-    model = model_lib.build(cfg)
+    model = families.build(cfg)
     boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                              *model_lib.init_inputs(cfg))["params"])
+                                              *families.init_inputs(cfg))["params"])
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda s: (rng.normal(size=s.shape) * 0.3).astype(np.float32),
                         nn.meta.unbox(boxed))
 
 
 def loom_logits(cfg: ModelConfig, params, tokens: np.ndarray) -> np.ndarray:
-    return np.asarray(model_lib.build(cfg).apply({"params": params}, jnp.asarray(tokens)))
+    return np.asarray(families.build(cfg).apply({"params": params}, jnp.asarray(tokens)))
 
 
 def hf_logits(hf_model, tokens: np.ndarray) -> np.ndarray:
@@ -105,7 +106,7 @@ def vocabulary(tokenizer_path):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_exported_model_gives_loom_logits_and_imports_back_identically(case, vocabulary,
                                                                         tmp_path):
-    cfg = ModelConfig(**TINY, **CASES[case])
+    cfg = ModelConfig.create(**TINY, **CASES[case])
     params = random_params(cfg)
     layout = export.choose_layout(cfg)
     assert layout.name == case.split("-")[0]
@@ -284,7 +285,7 @@ def test_bad_input_fails_in_one_line(trained_run, vocabulary, tmp_path, capsys):
     assert "no checkpoints" in run_cli(capsys, "to-hf", "--workdir", tmp_path / "empty",
                                        "--out", tmp_path / "x")
 
-    cfg = ModelConfig(**TINY)
+    cfg = ModelConfig.create(**TINY)
     hf_dir = export.write_hf(tmp_path / "hf", random_params(cfg), cfg, vocabulary,
                              export.LAYOUTS["llama"])
     assert "exists and is not empty" in run_cli(capsys, "to-hf", "--workdir", workdir,
@@ -308,10 +309,10 @@ def test_bad_input_fails_in_one_line(trained_run, vocabulary, tmp_path, capsys):
 
 
 def test_a_model_that_fits_no_layout_names_the_options():
-    cfg = ModelConfig(**TINY, mlp="gelu")   # rmsnorm + gelu: neither Llama nor GPT-2
+    cfg = ModelConfig.create(**TINY, mlp="gelu")   # rmsnorm + gelu: neither Llama nor GPT-2
     with pytest.raises(ModelConfigError) as e:
         export.choose_layout(cfg)
     assert "llama: model.mlp='gelu'" in str(e.value) and "gpt2: model.norm='rmsnorm'" in str(
         e.value)
     with pytest.raises(ModelConfigError, match="n_kv_heads=2 .grouped-query"):
-        export.choose_layout(ModelConfig(**TINY, **GPT2_SHAPE, n_kv_heads=2), "gpt2")
+        export.choose_layout(ModelConfig.create(**TINY, **GPT2_SHAPE, n_kv_heads=2), "gpt2")

@@ -15,11 +15,11 @@ import transformers  # noqa: E402
 
 pytest.importorskip("model.encoder")
 
-import model as model_lib  # noqa: E402
+from train import families  # noqa: E402
 from data.tokenizer import Tokenizer  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from test_export import base_config, perturbed, random_params, same_tree  # noqa: E402
-from train import export  # noqa: E402
+from train.hf import convert as export  # noqa: E402
 from train.restore import restore  # noqa: E402
 
 BERT_SHAPE = dict(family="encoder", vocab_size=512, d_model=32, n_heads=4, n_layers=2, d_ff=64,
@@ -33,7 +33,7 @@ def inputs(seed: int = 1):
 
 
 def loom_outputs(cfg, params, tokens, types):
-    out = model_lib.build(cfg).apply({"params": params}, jnp.asarray(tokens), None, None,
+    out = families.build(cfg).apply({"params": params}, jnp.asarray(tokens), None, None,
                                      jnp.asarray(types))
     return np.asarray(out["mlm_logits"]), np.asarray(out["pair_logits"])
 
@@ -54,7 +54,7 @@ def bert_config(**model):
 @pytest.mark.parametrize("tied,scan", [(True, True), (False, False)])
 def test_exported_encoder_gives_loom_outputs_and_imports_back(tied, scan, tokenizer_path,
                                                               tmp_path):
-    cfg = ModelConfig(**BERT_SHAPE, tie_embeddings=tied, scan_layers=scan)
+    cfg = ModelConfig.create(**BERT_SHAPE, tie_embeddings=tied, scan_layers=scan)
     params = random_params(cfg)
     assert export.choose_layout(cfg).name == "bert"
     out = export.write_hf(tmp_path / "hf", params, cfg, Tokenizer.load(tokenizer_path),
@@ -102,7 +102,7 @@ def test_bert_saved_by_transformers_imports_with_its_outputs(tokenizer_path, tmp
 
 def test_bert_tokenizer_wraps_text_in_cls_and_sep(tokenizer_path, tmp_path):
     tok = Tokenizer.load(tokenizer_path)
-    cfg = ModelConfig(**BERT_SHAPE)
+    cfg = ModelConfig.create(**BERT_SHAPE)
     out = export.write_hf(tmp_path / "hf", random_params(cfg), cfg, tok, export.LAYOUTS["bert"])
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     cls, sep, mask = (tok.piece_id(p) for p in ("[CLS]", "[SEP]", "[MASK]"))

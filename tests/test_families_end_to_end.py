@@ -9,12 +9,12 @@ import pytest
 
 from train import eval as eval_cli
 from train import generate as generate_cli
-from train.config import OBJECTIVE_FAMILIES
+from train.families import OBJECTIVES
 from train.loop import train
 
 
 def family_config(config, objective, **data):
-    config.model.update(family=OBJECTIVE_FAMILIES[objective], pos="learned", n_decoder_layers=1,
+    config.model.update(family=OBJECTIVES[objective].family, pos="learned", n_decoder_layers=1,
                         scan_layers=False)
     config.data.update(**data)
     config.train.update(objective=objective, steps=6, log_every=2)

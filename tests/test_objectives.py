@@ -12,8 +12,11 @@ import pytest
 from configs.base import get_config
 from model.sharding import activate, unboxed
 from train import objectives, state as state_lib, synthetic
-from train.config import OBJECTIVE_FAMILIES, ConfigError, validate
-from train.loop import build
+from train.config import validate
+from train import families
+from train.families import OBJECTIVES
+from errors import ConfigError
+from train.setup import build
 
 NEW = ["mlm", "electra", "span_corruption", "prefix_lm"]
 STEPS = 150
@@ -22,7 +25,7 @@ STEPS = 150
 def objective_config(objective, **model):
     c = get_config()
     # a full-width ELECTRA generator learns within this test's budget; 1/4 to 1/2 in real runs
-    c.model.update(family=OBJECTIVE_FAMILIES[objective], vocab_size=128, d_model=32, n_heads=4,
+    c.model.update(family=OBJECTIVES[objective].family, vocab_size=128, d_model=32, n_heads=4,
                    n_kv_heads=2, n_layers=2, d_ff=64, max_len=64, dtype="float32",
                    generator_scale=1.0, **model)
     c.data.update(seq_len=32, batch_size=32)
@@ -47,7 +50,7 @@ def train_run(config, devices, steps, initial=None, keep_params_at=2):
             state = jax.device_put(initial, setup.state_shardings)
         step = setup.train_step()
         for i in range(steps):
-            state, metrics = step(state, synthetic.synthetic_batch(config, setup.batch_sharding,
+            state, metrics = step(state, families.synthetic_batch(config, setup.batch_sharding,
                                                                    seed=i))
             records.append(metrics)
             if i + 1 == keep_params_at:
@@ -154,12 +157,12 @@ def test_synthetic_batches_follow_the_contract():
     sentinels = set(range(128 - spans, 128))
     for enc, dec in zip(batch["encoder_inputs"], batch["decoder_targets"]):
         assert [t for t in enc if t in sentinels] == [t for t in dec if t in sentinels]
-    assert synthetic.decoder_length(config) == length
+    assert families.decoder_length(config) == length
     for objective, keys in (("mlm", {"pair_labels", "pair_weights", "type_ids"}),
                             ("electra", {"type_ids"}), ("prefix_lm", {"decoder_weights"})):
         config.train.objective = objective
-        config.model.family = OBJECTIVE_FAMILIES[objective]
-        batch = synthetic.synthetic_batch(config, jax.devices()[0])
+        config.model.family = OBJECTIVES[objective].family
+        batch = families.synthetic_batch(config, jax.devices()[0])
         assert keys <= set(batch) and ("pair_labels" in batch) == (objective == "mlm")
         assert all(v.shape[0] == 32 for v in batch.values())
         assert batch.get("weights", batch.get("decoder_weights")).dtype == jnp.float32

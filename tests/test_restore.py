@@ -4,7 +4,7 @@ import numpy as np
 
 from data import pipeline
 from model.sharding import activate
-from train.eval import evaluate
+from train.evaluation.evaluate import evaluate
 from train.loop import read_metrics, train
 from train.restore import restore
 

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from model.sharding import MeshError, make_mesh, mesh_shape
-from train.benchmark import synthetic_batch
-from train.loop import build
+from model.sharding import make_mesh, mesh_shape
+from errors import MeshError
+from train.families import synthetic_batch
+from train.setup import build
 from train import state as state_lib
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from data import pipeline, tokenizer as tokenizer_lib
-from data.sources import DataError
+from errors import DataError
 from data.tokenizer import Tokenizer
-from train.checkpoint import CheckpointError
+from errors import CheckpointError
 from train.loop import train
 from train.restore import restore
 
@@ -102,7 +102,7 @@ def _checkpointed_run(config, workdir, tokenizer):
     import jax
     import jax.numpy as jnp
     from train.checkpoint import Checkpointer
-    from train.loop import with_vocab
+    from train.setup import with_vocab
     from train.state import TrainState
     tokenizer.save(workdir / "tokenizer.model")
     resolved = with_vocab(config, tokenizer)

@@ -4,10 +4,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train.cli import fail_cleanly, parse
+from configs.loader import parse
+from errors import fail_cleanly
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="python -m train",
         description="Train (or resume) a Loom model. A second run with the same --workdir resumes "
@@ -16,11 +18,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", required=True,
                         help="run directory: checkpoints, tokenizer, metrics.jsonl, tensorboard/")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    with fail_cleanly():
+    with fail_cleanly("--verbose" in argv):
         args, config = parse(parser, argv)
-        from train.loop import train
+        from train.loop import train   # deferred: --help stays fast
         train(config, args.workdir, progress=not args.no_progress)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -16,12 +16,11 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
 from train.state import TrainState
+from errors import CheckpointError
 
 EVAL_METRIC = "eval_loss"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable or does not fit this run; says what to do."""
 
 
 def directory(workdir: str | os.PathLike) -> Path:

@@ -1,121 +1,24 @@
-"""Loading an experiment config file, applying `--config.a.b=value` overrides, validating once."""
+"""Validating a resolved config once, before any tokenizer is trained or array allocated.
+
+Loading a config file and applying `--config.a.b=value` overrides is configs/loader.py's job;
+each key's default and meaning are stated once, in configs/base.py.
+"""
 from __future__ import annotations
 
-import ast
-import difflib
-import importlib.util
-from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Sequence
 
+import jax
 from ml_collections import ConfigDict
 
 from configs.base import HELP
-from model.config import GENERATIVE_FAMILIES, ModelConfig, ModelConfigError
-from model.sharding import MeshError, rules_from_config
+from configs.loader import flat_items
+from data import config as data_config
+from errors import ConfigError
+from model.config import ModelConfig
+from model.sharding import MESH_AXES, mesh_shape, rules_from_config
+from train import families
 
-# Each objective and the model family it trains (train/objectives.py implements them).
-OBJECTIVE_FAMILIES = {"clm": "decoder", "mlm": "encoder", "electra": "electra",
-                      "span_corruption": "encoder_decoder", "prefix_lm": "encoder_decoder"}
-OBJECTIVES = tuple(OBJECTIVE_FAMILIES)
-SOURCES = ("python_stdlib", "text_files", "tfds")
 SCHEDULES = ("cosine", "linear", "constant")
-
-
-class ConfigError(ValueError):
-    """A config file, key or value that cannot work; the message names it and the fix."""
-
-
-def load(path: str | Path) -> ConfigDict:
-    """Runs `get_config()` of a Python config file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist (e.g. --config configs/quickstart.py)")
-    spec = importlib.util.spec_from_file_location(f"loom_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {path} defines no get_config()")
-    return module.get_config()
-
-
-def flat_items(cfg: ConfigDict, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, value) for every leaf of the config, in definition order."""
-    for key, value in cfg.items():
-        if isinstance(value, ConfigDict):
-            yield from flat_items(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
-def _parse(key: str, text: str, current: Any) -> Any:
-    """Converts a command-line string to the type of the key's current value."""
-    kind = type(current)
-    try:
-        if kind is bool:
-            lowered = text.lower()
-            if lowered not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
-            return lowered in ("true", "1", "yes")
-        if kind is int:
-            return int(text.replace("_", ""))
-        if kind is float:
-            return float(text)
-        if kind is str:
-            return text
-        if kind in (tuple, list):
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = tuple(t for t in text.split(",") if t)  # a,b,c -> tuple of strings
-            if isinstance(value, str):
-                value = (value,)
-            if not isinstance(value, (tuple, list)):
-                raise ValueError
-            return tuple(value)
-    except ValueError:
-        pass
-    else:
-        raise ConfigError(f"config key {key} has a value of type {kind.__name__}, which cannot "
-                          "be set from the command line")
-    raise ConfigError(f"--config.{key}={text!r}: expected a {kind.__name__} "
-                      f"(current value {current!r})")
-
-
-def override(cfg: ConfigDict, key: str, text: str) -> None:
-    """Sets dotted `key` from its command-line text; unknown keys name their nearest match."""
-    node, parts = cfg, key.split(".")
-    for depth, part in enumerate(parts):
-        here = ".".join(parts[:depth])
-        if not isinstance(node, ConfigDict) or part not in node:
-            known = sorted(node.keys()) if isinstance(node, ConfigDict) else []
-            near = difflib.get_close_matches(part, known, n=1)
-            hint = f"; did you mean {'.'.join(parts[:depth] + near)}?" if near else ""
-            where = f" in {here}" if here else ""
-            raise ConfigError(f"unknown config key {key!r}{hint} (keys{where}: {', '.join(known)})")
-        if depth < len(parts) - 1:
-            node = node[part]
-    current = node[parts[-1]]
-    if isinstance(current, ConfigDict):
-        raise ConfigError(f"config key {key!r} is a group; set one of its keys: "
-                          f"{', '.join(sorted(current.keys()))}")
-    node[parts[-1]] = _parse(key, text, current)
-
-
-def apply_overrides(cfg: ConfigDict, args: Sequence[str]) -> ConfigDict:
-    """Applies `--config.key=value` / `--config.key value` arguments in order."""
-    args = list(args)
-    while args:
-        arg = args.pop(0)
-        if not arg.startswith("--config."):
-            raise ConfigError(f"unrecognised argument {arg!r}; config overrides look like "
-                              "--config.opt.lr=1e-3 (see --help)")
-        key, sep, text = arg[len("--config."):].partition("=")
-        if not sep:
-            if not args:
-                raise ConfigError(f"--config.{key} needs a value, e.g. --config.{key}=VALUE")
-            text = args.pop(0)
-        override(cfg, key, text)
-    return cfg
 
 
 def _check(ok: bool, message: str) -> None:
@@ -123,60 +26,75 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def validate(cfg: ConfigDict) -> None:
-    """All cross-key checks, once at start-up, so a bad value fails before any compilation."""
+def validate(cfg: ConfigDict, devices: Sequence[jax.Device] | None = None) -> None:
+    """Every cross-key check, so a bad value fails before a corpus is read or anything
+    compiles. `devices` (default: all) are the ones the mesh will span."""
     unknown = [k for k, _ in flat_items(cfg) if k not in HELP]
     _check(not unknown, f"unknown config keys {unknown}; every key must be one of configs/base.py")
-    try:
-        model = ModelConfig.from_mapping(cfg.model, vocab_size=cfg.model.vocab_size or 1)
-        rules_from_config(cfg.mesh.rules)
-    except (ModelConfigError, MeshError) as e:
-        raise ConfigError(str(e)) from None
     data, opt, train = cfg.data, cfg.opt, cfg.train
-    from data.pipeline import check_config   # data keys are checked by the code that uses them
-    check_config(data)
-    _check(data.source in SOURCES, f"data.source={data.source!r}: choose one of {SOURCES}")
-    _check(data.source != "text_files" or bool(data.paths),
-           "data.source=text_files needs data.paths, e.g. --config.data.paths='docs/*.txt'")
-    _check(data.source != "tfds" or bool(data.tfds_name),
-           "data.source=tfds needs data.tfds_name, e.g. --config.data.tfds_name=lm1b")
-    for key in ("seq_len", "batch_size"):
-        _check(data[key] > 0, f"data.{key} must be positive, got {data[key]}")
+    objective = families.objective(train.objective)
+    model = ModelConfig.from_mapping(cfg.model, vocab_size=cfg.model.vocab_size or 1)
+    family = families.family(model)
+    _check(model.family == objective.family,
+           f"train.objective={train.objective!r} trains a model.family={objective.family!r} "
+           f"model, not model.family={model.family!r}; set --config.model.family="
+           f"{objective.family}, or an objective for {model.family!r} models: "
+           f"{', '.join(families.objectives_of(model.family))}")
+    data_config.check(data, train.objective)
+    _check(cfg.model.vocab_size >= 0, f"model.vocab_size must be >= 0 (0 = the tokenizer's "
+           f"size), got {cfg.model.vocab_size}")
     _check(data.seq_len <= model.max_len or model.pos == "rope",
            f"data.seq_len={data.seq_len} exceeds model.max_len={model.max_len}, the longest "
            f"sequence {model.pos} positions support")
-    _check(0 <= data.validation_percent < 100, "data.validation_percent must be in [0, 100)")
     _check(opt.schedule in SCHEDULES, f"opt.schedule={opt.schedule!r}: choose one of {SCHEDULES}")
     _check(opt.lr > 0, f"opt.lr must be positive, got {opt.lr}")
     _check(opt.grad_accum >= 1, f"opt.grad_accum must be >= 1, got {opt.grad_accum}")
     _check(data.batch_size % opt.grad_accum == 0,
            f"data.batch_size={data.batch_size} must be divisible by opt.grad_accum="
            f"{opt.grad_accum}")
-    _check(0 <= opt.warmup_steps, "opt.warmup_steps must be >= 0")
-    _check(0 <= opt.min_lr_ratio <= 1, "opt.min_lr_ratio must be in [0, 1]")
-    _check(train.objective in OBJECTIVES,
-           f"train.objective={train.objective!r}: choose one of {OBJECTIVES}")
-    family = OBJECTIVE_FAMILIES[train.objective]
-    _check(model.family == family,
-           f"train.objective={train.objective!r} trains a model.family={family!r} model, not "
-           f"model.family={model.family!r}; set --config.model.family={family}, or an objective "
-           f"for {model.family!r} models: "
-           f"{', '.join(o for o, f in OBJECTIVE_FAMILIES.items() if f == model.family)}")
-    _check(model.family in GENERATIVE_FAMILIES or not cfg.eval.sample_prompt,
-           "eval.sample_prompt is for the families that generate (decoder, encoder_decoder); "
-           f"a {model.family!r} model prints no text sample, so set "
-           "--config.eval.sample_prompt=''")
+    _check(0 <= opt.warmup_steps, f"opt.warmup_steps must be >= 0, got {opt.warmup_steps}")
+    _check(0 <= opt.min_lr_ratio <= 1, f"opt.min_lr_ratio must be in [0, 1], got "
+           f"{opt.min_lr_ratio}")
+    _check(0 <= opt.b1 < 1 and 0 <= opt.b2 < 1, f"opt.b1 and opt.b2 must be in [0, 1), got "
+           f"{opt.b1} and {opt.b2}")
+    _check(opt.eps > 0, f"opt.eps must be positive, got {opt.eps}")
+    _check(opt.weight_decay >= 0, f"opt.weight_decay must be >= 0, got {opt.weight_decay}")
+    _check(opt.clip_norm >= 0, f"opt.clip_norm must be >= 0 (0 = off), got {opt.clip_norm}")
+    _check(family.prompting is not None or not cfg.eval.sample_prompt,
+           f"eval.sample_prompt is for the families that generate text "
+           f"({', '.join(f.name for f in families.FAMILIES.values() if f.prompting)}); a "
+           f"{model.family!r} model prints no text sample, so set --config.eval.sample_prompt=''")
+    _check(cfg.eval.sample_tokens >= 1, f"eval.sample_tokens must be >= 1, got "
+           f"{cfg.eval.sample_tokens}")
+    _check(cfg.eval.sample_temperature >= 0, "eval.sample_temperature must be >= 0 (0 = greedy)"
+           f", got {cfg.eval.sample_temperature}")
     _check(train.steps > 0, f"train.steps must be positive, got {train.steps}")
+    _check(train.seed >= 0, f"train.seed must be >= 0, got {train.seed}")
+    _check(train.z_loss >= 0, f"train.z_loss must be >= 0, got {train.z_loss}")
+    _check(train.peak_tflops >= 0, f"train.peak_tflops must be >= 0 (0 = the device's known "
+           f"peak), got {train.peak_tflops}")
     _check(train.log_every > 0, f"train.log_every must be positive, got {train.log_every}")
-    _check(cfg.eval.every >= 0 and cfg.eval.steps > 0, "eval.every must be >= 0, eval.steps > 0")
-    _check(cfg.ckpt.every >= 0, "ckpt.every must be >= 0")
+    _check(cfg.eval.every >= 0, f"eval.every must be >= 0 (0 = only at the end), got "
+           f"{cfg.eval.every}")
+    _check(cfg.eval.steps > 0, f"eval.steps must be positive, got {cfg.eval.steps}")
+    _check(cfg.ckpt.every >= 0, f"ckpt.every must be >= 0, got {cfg.ckpt.every}")
     _check(cfg.ckpt.keep >= 1, f"ckpt.keep must be >= 1, got {cfg.ckpt.keep}")
     _check(cfg.ckpt.keep_best >= 0, f"ckpt.keep_best must be >= 0, got {cfg.ckpt.keep_best}")
+    _check_mesh(cfg, devices)
 
 
-def help_table(cfg: ConfigDict) -> str:
-    """One line per config key: name, current value, meaning."""
-    rows = [(k, repr(v), HELP.get(k, "")) for k, v in flat_items(cfg) if k != "mesh.rules"]
-    width = max(len(k) for k, _, _ in rows)
-    return "\n".join(f"  --config.{k:<{width}} {h} [{v}]" for k, v, h in rows) + \
-        "\n  --config.mesh.rules           " + HELP["mesh.rules"]
+def _check_mesh(cfg: ConfigDict, devices: Sequence[jax.Device] | None) -> None:
+    """The mesh fits the devices and the batch: the micro-batch splits over data*fsdp."""
+    rules = dict(rules_from_config(cfg.mesh.rules))
+    n_devices = len(jax.devices() if devices is None else devices)
+    sizes = dict(zip(MESH_AXES, mesh_shape(cfg.mesh, n_devices)))
+    batch_axes = rules.get("batch", ("data", "fsdp"))
+    batch_axes = batch_axes if isinstance(batch_axes, tuple) else (batch_axes,)
+    divisor = 1
+    for axis in batch_axes:
+        divisor *= sizes[axis] if axis is not None else 1
+    micro = cfg.data.batch_size // cfg.opt.grad_accum
+    _check(micro % divisor == 0,
+           f"the micro-batch of {micro} rows (data.batch_size / opt.grad_accum) does not split "
+           f"over the {divisor} data-parallel devices (mesh data*fsdp); use a multiple of "
+           f"{divisor}")

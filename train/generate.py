@@ -1,221 +1,41 @@
-"""Text generation from a trained run: greedy, sampling and beam search, with a KV cache.
+"""python -m train.generate: text from a trained run (greedy, sampling or beam search).
 
     python -m train.generate --workdir runs/quickstart --prompt "def " --strategy sample \
         --temperature 0.8 --top-p 0.95 --max-new-tokens 64
 
-`generate()` is the Python API for batches: prompts of different lengths are left-padded (each
-row's positions count only its real tokens, so padding changes nothing), and decoding runs in
-one jitted `lax.while_loop` over a stepper (train/decoding.py: KV cache, sliding window for
-prompts longer than the model's context). A row stops at any of `stop_ids` (kept in the output)
-or after `max_new_tokens`.
+A decoder continues each prompt; an encoder-decoder writes an output for it (shown after an
+arrow). Decoding runs in one jitted loop over a KV cache (train/decoding/); prompts longer than
+the context window slide.
 """
 from __future__ import annotations
 
 import argparse
-import codecs
-import dataclasses
-import functools
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from configs.loader import parse_run
+from errors import fail_cleanly
+from train.decoding.options import Options
 
-from data.sources import DataError
-from data.tokenizer import BOS, EOS, PAD, WORD_START, Tokenizer
-from model.config import ModelConfig
-from model.sharding import activate
-from train import beam
-from train.cli import fail_cleanly, parse_run
-from train.config import ConfigError
-from train.decoding import Prompt, Stepper, stepper_for
-from train.sampling import choose, is_stop
-
-STRATEGIES = ("greedy", "sample", "beam")
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-    """How to choose tokens. greedy: argmax; sample: temperature, top_k (0 = off), top_p (1 =
-    off); beam: beam_width beams ranked with length_penalty (see train/beam.py)."""
-    strategy: str = "greedy"
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    beam_width: int = 4
-    length_penalty: float = 1.0
-
-    def __post_init__(self):
-        checks = [
-            (self.strategy in STRATEGIES, f"strategy {self.strategy!r}: choose one of "
-                                          f"{STRATEGIES}"),
-            (self.strategy != "sample" or self.temperature > 0,
-             f"sampling needs temperature > 0, got {self.temperature}; use strategy greedy"),
-            (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
-            (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.beam_width >= 1, f"beam_width must be >= 1, got {self.beam_width}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = PAD) -> tuple[np.ndarray, np.ndarray]:
-    """tokens_BxP and segments_BxP (1 real, 0 padding), prompts aligned to the right."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ConfigError("every prompt needs at least one token (start with BOS)")
-    width = max(len(p) for p in prompts)
-    tokens = np.full((len(prompts), width), pad_id, np.int32)
-    segments = np.zeros((len(prompts), width), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, width - len(p):] = p
-        segments[i, width - len(p):] = 1
-    return tokens, segments
-
-
-@functools.partial(jax.jit, static_argnames=("stepper", "max_new_tokens", "temperature",
-                                             "top_k", "top_p", "vocab_limit", "stop_ids",
-                                             "pad_id"))
-def sample_loop(stepper: Stepper, params: Any, prompt: Prompt, rng: jax.Array, *,
-                max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-                vocab_limit: int, stop_ids: Sequence[int], pad_id: int) -> jax.Array:
-    """new_BxN: greedy (temperature 0) or sampled tokens, `pad_id` after a row's stop token."""
-    pick = functools.partial(choose, temperature=temperature, top_k=top_k, top_p=top_p,
-                             vocab_limit=vocab_limit)
-    logits_BxV, state = stepper.start(params, prompt, max_new_tokens)
-    first_B = pick(logits_BxV, jax.random.fold_in(rng, 0))
-    out_BxN = jnp.full((first_B.shape[0], max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_B)
-
-    def cond(carry):
-        i, _, _, done_B = carry
-        return (i < max_new_tokens) & ~jnp.all(done_B)
-
-    def body(carry):
-        i, state, out_BxN, done_B = carry
-        logits_BxV, state = stepper.step(params, state, out_BxN[:, i - 1])
-        new_B = jnp.where(done_B, pad_id, pick(logits_BxV, jax.random.fold_in(rng, i)))
-        return i + 1, state, out_BxN.at[:, i].set(new_B), done_B | is_stop(new_B, stop_ids)
-
-    carry = (jnp.int32(1), state, out_BxN, is_stop(first_B, stop_ids))
-    return jax.lax.while_loop(cond, body, carry)[2]
-
-
-def decode(stepper: Stepper, params: Any, prompt: Prompt, options: Options, *,
-           max_new_tokens: int, rng: jax.Array, vocab_limit: int,
-           stop_ids: Sequence[int] = (EOS,), pad_id: int = PAD) -> np.ndarray:
-    """new_BxN tokens for a batch of prompt arrays (any model family's stepper)."""
-    common = dict(max_new_tokens=max_new_tokens, vocab_limit=vocab_limit,
-                  stop_ids=tuple(int(s) for s in stop_ids), pad_id=pad_id)
-    if options.strategy == "beam":
-        tokens_BxWxN, _ = beam.search(stepper, params, prompt, width=options.beam_width,
-                                      length_penalty=float(options.length_penalty), **common)
-        return np.asarray(tokens_BxWxN[:, 0])
-    greedy = options.strategy == "greedy"
-    return np.asarray(sample_loop(
-        stepper, params, prompt, rng, temperature=0.0 if greedy else float(options.temperature),
-        top_k=int(options.top_k), top_p=float(options.top_p), **common))
-
-
-def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], *,
-             max_new_tokens: int, options: Options = Options(), rng: jax.Array | None = None,
-             stop_ids: Sequence[int] = (EOS,), vocab_limit: int | None = None,
-             pad_id: int = PAD, window: int = 0, keep: int = 0,
-             use_cache: bool = True) -> list[list[int]]:
-    """New token ids for each prompt, up to and including the first stop id.
-
-    `window`/`keep` set the sliding context window (0 = model.max_len / half of it); without
-    the cache (`use_cache=False`, every step recomputes the whole sequence) prompt and new
-    tokens must fit in the window. Call inside `model.sharding.activate(mesh, rules)` when
-    `params` are sharded.
-    """
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    size = window or cfg.max_len
-    if cfg.pos != "rope" and size > cfg.max_len:
-        raise ConfigError(f"window {size} exceeds model.max_len={cfg.max_len}, the most "
-                          f"{cfg.pos} positions can encode")
-    if not 0 <= keep <= size:
-        raise ConfigError(f"keep must be in [1, window={size}] (0 = half the window), got {keep}")
-    tokens, segments = left_pad(prompts, pad_id)
-    if cfg.family == "encoder_decoder":
-        if cfg.pos != "rope" and max_new_tokens > cfg.max_len:
-            raise ConfigError(f"max_new_tokens={max_new_tokens} exceeds model.max_len="
-                              f"{cfg.max_len}, the most decoder positions the model encodes")
-    elif not use_cache and tokens.shape[1] + max_new_tokens > size:
-        raise ConfigError(f"prompt + {max_new_tokens} new tokens exceed the {size}-token window; "
-                          "the sliding window needs the KV cache")
-    stepper = stepper_for(cfg, use_cache=use_cache, window=window, keep=keep)
-    prompt = {"tokens": jnp.asarray(tokens), "segments": jnp.asarray(segments)}
-    out = decode(stepper, params, prompt, options, max_new_tokens=max_new_tokens,
-                 rng=jax.random.PRNGKey(0) if rng is None else rng,
-                 vocab_limit=int(vocab_limit or cfg.vocab_size), stop_ids=stop_ids,
-                 pad_id=pad_id)
-    return [_until_stop(row, stop_ids) for row in out.tolist()]
-
-
-def _until_stop(row: list[int], stop_ids: Sequence[int]) -> list[int]:
-    for i, token in enumerate(row):
-        if token in stop_ids:
-            return row[:i + 1]
-    return row
-
-
-def stop_token(tokenizer: Tokenizer, text: str) -> int:
-    """The id of a stop piece given as text: backslash escapes work (\\n) and spaces stand for
-    the leading-space marker (" return" is the piece "\u2581return")."""
-    piece = codecs.decode(text, "unicode_escape").replace(" ", WORD_START)
-    try:
-        return tokenizer.piece_id(piece)
-    except DataError:
-        raise ConfigError(f"--stop {text!r} is not a piece of the vocabulary; stop tokens are "
-                          "single pieces, e.g. '\\n' or ' return'") from None
-
-
-def generate_text(cfg: ModelConfig, params: Any, tokenizer: Tokenizer, prompts: Sequence[str],
-                  *, stop_ids: Sequence[int] = (EOS,), **kwargs) -> list[str]:
-    """The continuation of each prompt text (without its stop token); `kwargs` as `generate`.
-    A decoder-only model continues [BOS] + the prompt; an encoder-decoder model reads the prompt
-    + [EOS] in its encoder (as in training) and writes its output from [BOS]."""
-    if cfg.family == "encoder_decoder":
-        ids = [tokenizer.encode(p) + [EOS] for p in prompts]
-        new = generate(cfg, params, ids, stop_ids=stop_ids, vocab_limit=tokenizer.vocab_size,
-                       **kwargs)
-        return [tokenizer.decode(row[:-1] if row and row[-1] in stop_ids else row)
-                for row in new]
-    ids = [[BOS] + tokenizer.encode(p) for p in prompts]
-    new = generate(cfg, params, ids, stop_ids=stop_ids, vocab_limit=tokenizer.vocab_size,
-                   **kwargs)
-    texts = []
-    for prompt_ids, new_ids in zip(ids, new):
-        if new_ids and new_ids[-1] in stop_ids:
-            new_ids = new_ids[:-1]
-        # decode with the prompt: a continuation's first piece may carry the space between them
-        texts.append(tokenizer.decode(prompt_ids + new_ids)[len(tokenizer.decode(prompt_ids)):])
-    return texts
-
-
-def shown(cfg: ModelConfig, prompt: str, text: str) -> str:
-    """A prompt with its generated text: a decoder continues the prompt; an encoder-decoder
-    writes an output for it, shown after an arrow."""
-    return f"{prompt} -> {text}" if cfg.family == "encoder_decoder" else prompt + text
+DEFAULTS = Options()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m train.generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", action="append", required=True,
                         help="prompt text; repeat for a batch of prompts")
-    parser.add_argument("--strategy", default="greedy", help="greedy | sample | beam")
+    parser.add_argument("--strategy", default=DEFAULTS.strategy, help="greedy | sample | beam")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=1.0, help="sample: softmax "
-                        "temperature")
-    parser.add_argument("--top-k", type=int, default=0, help="sample: only the k most likely "
-                        "tokens; 0 = off")
-    parser.add_argument("--top-p", type=float, default=1.0, help="sample: only the smallest set "
-                        "of tokens with probability >= p; 1 = off")
-    parser.add_argument("--beam-width", type=int, default=4)
-    parser.add_argument("--length-penalty", type=float, default=1.0,
+    parser.add_argument("--temperature", type=float, default=DEFAULTS.temperature,
+                        help="sample: softmax temperature")
+    parser.add_argument("--top-k", type=int, default=DEFAULTS.top_k,
+                        help="sample: only the k most likely tokens; 0 = off")
+    parser.add_argument("--top-p", type=float, default=DEFAULTS.top_p, help="sample: only the "
+                        "smallest set of tokens with probability >= p; 1 = off")
+    parser.add_argument("--beam-width", type=int, default=DEFAULTS.beam_width)
+    parser.add_argument("--length-penalty", type=float, default=DEFAULTS.length_penalty,
                         help="beam: score = log p / length**penalty (0 favours short outputs)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--stop", action="append", default=[],
@@ -226,24 +46,20 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "(0 = half the window)")
     parser.add_argument("--no-cache", action="store_true",
                         help="recompute the whole sequence every step (slow; for comparison)")
-    with fail_cleanly():
+    with fail_cleanly("--verbose" in argv):
         args, config_args = parse_run(parser, argv)
         options = Options(args.strategy, args.temperature, args.top_k, args.top_p,
                           args.beam_width, args.length_penalty)
-        from train.restore import restore   # deferred: keeps --help fast
-        run = restore(args.workdir, args.step, config_args=config_args)
-        stops = [EOS] + [stop_token(run.tokenizer, s) for s in args.stop]
-        with activate(run.setup.mesh, run.setup.rules):
-            texts = generate_text(run.setup.model_cfg, run.params, run.tokenizer, args.prompt,
-                                  stop_ids=stops, max_new_tokens=args.max_new_tokens,
-                                  options=options, rng=jax.random.PRNGKey(args.seed),
-                                  window=args.window, keep=args.keep,
-                                  use_cache=not args.no_cache)
-        for prompt, text in zip(args.prompt, texts):
-            print(shown(run.setup.model_cfg, prompt, text), flush=True)
+        from train.decoding.generate import generate_run   # deferred: --help stays fast
+        texts = generate_run(args.workdir, args.step, args.prompt, options=options,
+                             config_args=config_args, max_new_tokens=args.max_new_tokens,
+                             seed=args.seed, stops=args.stop, window=args.window,
+                             keep=args.keep, use_cache=not args.no_cache)
+        for text in texts:
+            print(text, flush=True)
             if len(args.prompt) > 1:
                 print("-" * 40)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -2,93 +2,26 @@
 evaluate, checkpoint, and end with a text sample."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import flax.linen as nn
 import jax
-import optax
-from jax.sharding import Mesh, NamedSharding
 from ml_collections import ConfigDict
 
-import model as model_lib
 from data import pipeline
 from data.tokenizer import Tokenizer
-from model.config import ModelConfig
-from model.sharding import Rules, activate, batch_divisor, batch_sharding, make_mesh, \
-    rules_from_config
-from train import generate, optimizer, step as step_lib
-from train import state as state_lib
-from train.checkpoint import Checkpointer, CheckpointError
-from train.config import ConfigError, validate
-from train.eval import evaluate
+from errors import CheckpointError
+from model.sharding import activate
+from train import families, state as state_lib
+from train.checkpoint import Checkpointer
+from train.config import validate
+from train.decoding import generate
+from train.decoding.options import Options
+from train.evaluation.evaluate import evaluate
 from train.metrics import MetricsLog, peak_tflops, throughput
-from train.objectives import OBJECTIVES
-
-
-@dataclasses.dataclass
-class Setup:
-    """Everything a config determines before any array exists."""
-    config: ConfigDict
-    model_cfg: ModelConfig
-    model: nn.Module
-    mesh: Mesh
-    rules: Rules
-    tx: optax.GradientTransformation
-    lr_schedule: optax.Schedule
-    state_shardings: state_lib.TrainState
-    batch_sharding: NamedSharding
-
-    def train_step(self):
-        return step_lib.jit_train_step(
-            self.state_shardings, self.batch_sharding,
-            objective=OBJECTIVES[self.config.train.objective], model=self.model, tx=self.tx,
-            lr_schedule=self.lr_schedule, grad_accum=self.config.opt.grad_accum,
-            z_loss=self.config.train.z_loss)
-
-    def eval_step(self):
-        return step_lib.jit_eval_step(self.state_shardings.params, self.batch_sharding,
-                                      objective=OBJECTIVES[self.config.train.objective],
-                                      model=self.model)
-
-
-def build(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Setup:
-    """Mesh (over `devices`, default all), model, optimizer and shardings for a validated
-    config with a known vocab size."""
-    mesh = make_mesh(config.mesh, devices)
-    rules = rules_from_config(config.mesh.rules)
-    model_cfg = ModelConfig.from_mapping(config.model)
-    model = model_lib.build(model_cfg)
-    tx, lr_schedule = optimizer.make(config.opt, config.train.steps)
-    divisor = batch_divisor(mesh, rules)
-    micro = config.data.batch_size // config.opt.grad_accum
-    if micro % divisor:
-        raise ConfigError(
-            f"the micro-batch of {micro} rows (data.batch_size / opt.grad_accum) does not split "
-            f"over the {divisor} data-parallel devices (mesh data*fsdp); use a multiple of "
-            f"{divisor}")
-    with activate(mesh, rules):
-        shardings = state_lib.shardings(model, model_cfg, tx, mesh, rules)
-    return Setup(config, model_cfg, model, mesh, rules, tx, lr_schedule, shardings,
-                 batch_sharding(mesh, rules))
-
-
-def with_vocab(config: ConfigDict, tokenizer: Tokenizer) -> ConfigDict:
-    """The config with model.vocab_size resolved from the tokenizer (0 = take its size) and the
-    tokenizer's fingerprint recorded (a configured one must match)."""
-    config = ConfigDict(config.to_dict())
-    pipeline.check_tokenizer(tokenizer, config.data.tokenizer.fingerprint,
-                             "data.tokenizer.fingerprint")
-    config.data.tokenizer.fingerprint = tokenizer.fingerprint
-    if config.model.vocab_size == 0:
-        config.model.vocab_size = tokenizer.vocab_size
-    elif config.model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
-                          f"tokenizer's {tokenizer.vocab_size} pieces; set it to 0 (automatic)")
-    return config
+from train.setup import Setup, build, with_vocab
 
 
 def _check_resumable(saved: dict[str, Any], config: ConfigDict, path: Path) -> None:
@@ -109,7 +42,7 @@ def _sample(setup: Setup, params: Any, tokenizer: Tokenizer) -> str | None:
     cfg = setup.config.eval
     if not cfg.sample_prompt:   # validate() allows one only for the generative families
         return None
-    options = generate.Options("sample" if cfg.sample_temperature > 0 else "greedy",
+    options = Options("sample" if cfg.sample_temperature > 0 else "greedy",
                                temperature=cfg.sample_temperature, top_k=40)
     with activate(setup.mesh, setup.rules):
         new = generate.generate_text(setup.model_cfg, params, tokenizer, [cfg.sample_prompt],
@@ -227,7 +160,7 @@ class Reporter:
         config = setup.config
         self.log, self.every = log, every
         self.tokens_per_step = config.data.batch_size * config.data.seq_len
-        self.flops = model_lib.flops_per_token(setup.model_cfg, n_params, config.data.seq_len)
+        self.flops = families.flops_per_token(setup.model_cfg, n_params, config.data.seq_len)
         self.peak = peak_tflops(config.train.peak_tflops)
         self.pending: tuple[int, Any] | None = None
         self.clock: tuple[float, int] | None = None   # None until the step has compiled

@@ -12,11 +12,15 @@ from typing import Any, Mapping, Sequence
 import jax
 from ml_collections import ConfigDict
 
+from configs.loader import apply_overrides
 from data.pipeline import TOKENIZER_FILE, check_tokenizer
 from data.tokenizer import Tokenizer
-from train.checkpoint import Checkpointer, CheckpointError
-from train.config import apply_overrides, validate
-from train.loop import Setup, build
+from errors import CheckpointError
+from model.sharding import activate
+from train import state as state_lib
+from train.checkpoint import Checkpointer
+from train.config import validate
+from train.setup import Setup, build
 
 
 @dataclasses.dataclass
@@ -63,7 +67,7 @@ def restore(workdir: str | Path, step: str | int = "latest", *,
     if any(a.startswith("--config.model.") for a in config_args):
         raise CheckpointError("--config.model.* cannot be changed when restoring: the "
                               "checkpoint's parameters define the model")
-    validate(apply_overrides(config, config_args))
+    validate(apply_overrides(config, config_args), devices)
     tokenizer_path = workdir / TOKENIZER_FILE
     if not tokenizer_path.is_file():
         raise CheckpointError(f"{tokenizer_path} is missing; a run directory keeps its "
@@ -80,8 +84,6 @@ def restore(workdir: str | Path, step: str | int = "latest", *,
 
 
 def _param_shapes(setup: Setup) -> Any:
-    from model.sharding import activate
-    from train import state as state_lib
     with activate(setup.mesh, setup.rules):
         return jax.eval_shape(lambda: state_lib.init(
             setup.model, setup.model_cfg, setup.tx, setup.state_shardings, 0)).params

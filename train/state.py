@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-import model as model_lib
 from model.config import ModelConfig
 from model.sharding import Rules, logical_shardings, unboxed
+from train import families
 
 
 @flax.struct.dataclass
@@ -24,7 +24,7 @@ class TrainState:
 
 
 def _init_params_boxed(model: nn.Module, cfg: ModelConfig, rng: jax.Array) -> Any:
-    return model.init(rng, *model_lib.init_inputs(cfg))["params"]
+    return model.init(rng, *families.init_inputs(cfg))["params"]
 
 
 def shardings(model: nn.Module, cfg: ModelConfig, tx: optax.GradientTransformation,

@@ -11,10 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from ml_collections import ConfigDict
 
 from data.tokenizer import BOS, EOS
-from train.config import ConfigError
 
 MASK, CLS, SEP = 5, 6, 7
 FIRST_TOKEN = 16
@@ -125,26 +123,3 @@ def _seq2seq(encoder_BxT: np.ndarray, targets_BxS: np.ndarray) -> Batch:
             "decoder_targets": targets_BxS, "decoder_positions": dec_positions,
             "decoder_segment_ids": dec_segments,
             "decoder_weights": np.ones((rows, decoder_length), np.float32)}
-
-
-def decoder_length(config: ConfigDict) -> int | None:
-    """Decoder tokens per row of the synthetic batches of `config` (None: no decoder)."""
-    if config.train.objective == "span_corruption":
-        return span_corruption_length(config.data.seq_len)[1]
-    if config.train.objective == "prefix_lm":
-        return config.data.seq_len
-    return None
-
-
-def synthetic_batch(config: ConfigDict, sharding, seed: int = 1) -> dict[str, jax.Array]:
-    """A global batch of data.batch_size rows of data.seq_len tokens for `train.objective`."""
-    objective = config.train.objective
-    args = (config.data.batch_size, config.data.seq_len, config.model.vocab_size, seed)
-    if objective != "clm" and config.model.vocab_size < 4 * FIRST_TOKEN:
-        raise ConfigError(f"synthetic {objective} batches need model.vocab_size >= "
-                         f"{4 * FIRST_TOKEN}, got {config.model.vocab_size}")
-    makers = {"clm": clm_batch, "span_corruption": span_corruption_batch,
-              "prefix_lm": prefix_lm_batch,
-              "mlm": lambda *a: mlm_batch(*a, pairs=True),
-              "electra": lambda *a: mlm_batch(*a, pairs=False)}
-    return jax.device_put(makers[objective](*args), sharding)

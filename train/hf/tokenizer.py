@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from data.pipeline import TOKENIZER_FILE
-from data.sources import DataError
+from errors import DataError
 from data.tokenizer import BOS, EOS, PAD, UNK, Tokenizer
-from train.checkpoint import CheckpointError
+from errors import CheckpointError, ConversionError, DependencyError
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -89,7 +89,7 @@ def fast_tokenizer(tokenizer: Tokenizer, bert: bool = False) -> Any:
         added = [AddedToken(p.piece, special=False, normalized=False) for p in pieces
                  if p.type == _USER_DEFINED and len(p.piece) > 1]
     else:
-        raise CheckpointError(f"tokenizer {tokenizer.source}: sentencepiece model type "
+        raise ConversionError(f"tokenizer {tokenizer.source}: sentencepiece model type "
                               f"{proto.trainer_spec.model_type} has no Hugging Face equivalent; "
                               "export needs a unigram or bpe vocabulary")
     spec = proto.normalizer_spec
@@ -101,7 +101,7 @@ def fast_tokenizer(tokenizer: Tokenizer, bert: bool = False) -> Any:
         rewritten = [p.piece for p in pieces if p.type == _USER_DEFINED
                      and charsmap.normalize_str(p.piece) != p.piece]
         if rewritten:
-            raise CheckpointError(
+            raise ConversionError(
                 f"tokenizer {tokenizer.source}: its normalization ({spec.name}) rewrites the "
                 f"user-defined pieces {rewritten[:3]}, which tokenizer.json cannot reproduce; "
                 "export needs a vocabulary trained with normalization_rule_name=identity (as "
@@ -147,9 +147,9 @@ def write(tokenizer: Tokenizer, out: Path, max_len: int, bert: bool = False) -> 
     """
     try:
         fast = fast_tokenizer(tokenizer, bert)
-    except ImportError:
-        raise CheckpointError("exporting a tokenizer needs the `tokenizers` package: "
-                              "pip install -e '.[hf]'") from None
+    except ImportError as e:
+        raise DependencyError("exporting a tokenizer needs the `tokenizers` package: "
+                              "pip install -e '.[hf]'") from e
     pieces = sentencepiece_proto(tokenizer).pieces
     tokenizer.save(out / TOKENIZER_FILE)
     fast.save(str(out / TOKENIZER_JSON))

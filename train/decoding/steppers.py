@@ -38,11 +38,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-import model as model_lib
 from data.tokenizer import BOS
 from model import encoder_decoder
 from model.config import ModelConfig
-from train.config import ConfigError
+from model.decoder import DecoderLM
+from model.encoder_decoder import EncoderDecoderLM
 
 Prompt = Mapping[str, jax.Array]
 
@@ -135,10 +135,10 @@ class CachedDecoder:
 
     def _prefill(self, params, tokens_RxT, segments_RxT, slots: int):
         """Logits after the last token and a fresh `slots`-slot cache holding all T tokens."""
-        decoder = model_lib.build(self.cfg, decode=True)
+        decoder = DecoderLM(self.cfg, decode=True)
         rows = tokens_RxT.shape[0]
         shapes = jax.eval_shape(lambda: decoder.init(
-            jax.random.PRNGKey(0), *model_lib.init_inputs(self.cfg, rows, slots)))["cache"]
+            jax.random.PRNGKey(0), jnp.zeros((rows, slots), jnp.int32)))["cache"]
         cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         positions_RxT = positions_of(segments_RxT)
         logits_RxTxV, mutated = decoder.apply({"params": params, "cache": cache}, tokens_RxT,
@@ -158,7 +158,7 @@ class CachedDecoder:
         total = history.tokens_RxL.shape[1]
 
         def extend():
-            decoder = model_lib.build(self.cfg, decode=True)
+            decoder = DecoderLM(self.cfg, decode=True)
             logits_Rx1xV, mutated = decoder.apply(
                 {"params": params, "cache": state.cache}, token_R[:, None],
                 state.next_pos_R[:, None], jnp.ones_like(token_R)[:, None], mutable=["cache"])
@@ -191,7 +191,7 @@ class Recompute:
     cfg: ModelConfig
 
     def _logits_at(self, params, history: History, index: jax.Array) -> jax.Array:
-        logits_RxLxV = model_lib.build(self.cfg).apply(
+        logits_RxLxV = DecoderLM(self.cfg).apply(
             {"params": params}, history.tokens_RxL, positions_of(history.segments_RxL),
             history.segments_RxL)
         return lax.dynamic_index_in_dim(logits_RxLxV, index, axis=1, keepdims=False)
@@ -214,7 +214,7 @@ def _encode(cfg: ModelConfig, params: Any, prompt: Prompt, window: int
     tokens_RxT, segments_RxT = prompt["tokens"], prompt["segments"]
     width = min(tokens_RxT.shape[1], window or cfg.max_len)
     tokens_RxT, segments_RxT = tokens_RxT[:, -width:], segments_RxT[:, -width:].astype(jnp.int32)
-    model = model_lib.build(cfg)
+    model = EncoderDecoderLM(cfg)
     encoded_RxTxD = model.apply({"params": params}, tokens_RxT, positions_of(segments_RxT),
                                 segments_RxT, method=model.encode)
     return encoded_RxTxD, segments_RxT
@@ -234,7 +234,7 @@ class CachedEncoderDecoder:
     window: int = 0
 
     def _decoder(self, params, cache, token_Rx1, encoded, encoder_segments, position):
-        model = model_lib.build(self.cfg, decode=True)
+        model = EncoderDecoderLM(self.cfg, decode=True)
         logits_Rx1xV, mutated = model.apply(
             {"params": params, "cache": cache}, token_Rx1, encoded, encoder_segments,
             jnp.full_like(token_Rx1, position), method=model.decoder_logits, mutable=["cache"])
@@ -272,7 +272,7 @@ class RecomputeEncoderDecoder:
     window: int = 0
 
     def _logits(self, params, state: Seq2SeqHistory) -> jax.Array:
-        model = model_lib.build(self.cfg)
+        model = EncoderDecoderLM(self.cfg)
         history = state.decoder
         logits_RxSxV = model.apply(
             {"params": params}, history.tokens_RxL, state.encoded_RxTxD,
@@ -297,13 +297,15 @@ class RecomputeEncoderDecoder:
                               state.decoder.take(rows_R))
 
 
-def stepper_for(cfg: ModelConfig, *, use_cache: bool = True, window: int = 0,
-                keep: int = 0) -> Stepper:
-    """The stepper of `cfg.family`: decoder-only or encoder-decoder, cached or recomputing."""
-    if cfg.family == "decoder":
-        return CachedDecoder(cfg, window, keep) if use_cache else Recompute(cfg)
-    if cfg.family == "encoder_decoder":
-        return CachedEncoderDecoder(cfg, window) if use_cache else \
-            RecomputeEncoderDecoder(cfg, window)
-    raise ConfigError(f"model.family={cfg.family!r} does not generate text (an encoder "
-                      "predicts masked tokens in place); use train.eval to score it")
+def decoder_stepper(cfg: ModelConfig, use_cache: bool = True, window: int = 0,
+                    keep: int = 0) -> Stepper:
+    """The decoder-only family's stepper: KV cache with a sliding window, or recomputation."""
+    return CachedDecoder(cfg, window, keep) if use_cache else Recompute(cfg)
+
+
+def encoder_decoder_stepper(cfg: ModelConfig, use_cache: bool = True, window: int = 0,
+                            keep: int = 0) -> Stepper:
+    """The encoder-decoder family's stepper (`keep` does not apply: the encoder input is read
+    once, its last `window` tokens)."""
+    del keep
+    return CachedEncoderDecoder(cfg, window) if use_cache else RecomputeEncoderDecoder(cfg, window)

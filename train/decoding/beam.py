@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from train.decoding import Prompt, Stepper
-from train.sampling import is_stop, mask_vocab
+from train.decoding.sampling import is_stop, mask_vocab
+from train.decoding.steppers import Prompt, Stepper
 
 
 @flax.struct.dataclass

@@ -14,9 +14,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from data.tokenizer import PAD
-from model.config import ModelConfig, ModelConfigError
-from train.checkpoint import CheckpointError
-from train.hf_layout import Layout, Tensor, flat, linear, require, require_plain_heads, same, \
+from model.config import ModelConfig
+from errors import ConversionError, ModelConfigError
+from train.hf.layout import Layout, Tensor, flat, linear, require, require_plain_heads, same, \
     unsupported
 
 
@@ -92,7 +92,7 @@ def _config(cfg: ModelConfig) -> dict[str, Any]:
 
 def _keys(hf: Mapping[str, Any]) -> dict[str, Any]:
     if hf.get("hidden_act", "gelu") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise CheckpointError(f"config.json has hidden_act={hf.get('hidden_act', 'gelu')!r}; "
+        raise ConversionError(f"config.json has hidden_act={hf.get('hidden_act', 'gelu')!r}; "
                               "Loom's GELU is the tanh approximation (gelu_new)")
     unsupported(hf, "position_embedding_type", "absolute", "absolute")
     unsupported(hf, "is_decoder", False, False)

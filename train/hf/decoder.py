@@ -13,8 +13,8 @@ from typing import Any, Mapping
 
 from data.tokenizer import BOS, EOS, PAD
 from model.config import ModelConfig
-from train.checkpoint import CheckpointError
-from train.hf_layout import Layout, Tensor, columns, linear, require, require_plain_heads, \
+from errors import ConversionError
+from train.hf.layout import Layout, Tensor, columns, linear, require, require_plain_heads, \
     same, unstacked, unsupported
 
 
@@ -69,7 +69,7 @@ def _llama_keys(hf: Mapping[str, Any]) -> dict[str, Any]:
     unsupported(hf, "mlp_bias", False, False)
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise CheckpointError(f"config.json scales RoPE ({rope}); Loom supports plain RoPE only")
+        raise ConversionError(f"config.json scales RoPE ({rope}); Loom supports plain RoPE only")
     d, n = hf["hidden_size"], hf["num_attention_heads"]
     g = hf.get("num_key_value_heads") or n
     k = hf.get("head_dim") or d // n
@@ -133,7 +133,7 @@ def _gpt2_config(cfg: ModelConfig) -> dict[str, Any]:
 
 def _gpt2_keys(hf: Mapping[str, Any]) -> dict[str, Any]:
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise CheckpointError(f"config.json has activation_function="
+        raise ConversionError(f"config.json has activation_function="
                               f"{hf['activation_function']!r}; Loom's GELU is the tanh "
                               "approximation (gelu_new)")
     unsupported(hf, "scale_attn_by_inverse_layer_idx", False, False)

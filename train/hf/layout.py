@@ -17,8 +17,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from flax import traverse_util
 
-from model.config import ModelConfig, ModelConfigError
-from train.checkpoint import CheckpointError
+from model.config import ModelConfig
+from errors import CheckpointError, ConversionError, ModelConfigError
 
 Shape = tuple[int, ...]
 Arrays = list[np.ndarray]
@@ -143,9 +143,9 @@ def require_plain_heads(cfg: ModelConfig, layout: str) -> None:
 
 
 def unsupported(hf: Mapping[str, Any], key: str, value: Any, default: Any = None) -> None:
-    """CheckpointError if config.json sets `key` (default `default`) to other than `value`."""
+    """ConversionError if config.json sets `key` (default `default`) to other than `value`."""
     if hf.get(key, default) != value:
-        raise CheckpointError(f"config.json has {key}={hf.get(key, default)!r}; Loom's model "
+        raise ConversionError(f"config.json has {key}={hf.get(key, default)!r}; Loom's model "
                               f"supports only {key}={value!r}")
 
 
@@ -192,7 +192,7 @@ def to_hf(layout: Layout, flat: Mapping[str, np.ndarray], cfg: ModelConfig
         used.update(t.loom)
     left = sorted(set(flat) - used)
     if left:  # a Loom variant the table does not know: never export half a model
-        raise CheckpointError(f"the {layout.name} layout has no place for the parameters "
+        raise ConversionError(f"the {layout.name} layout has no place for the parameters "
                               f"{left[:4]}; this model cannot be exported to it")
     return out
 
@@ -209,13 +209,17 @@ def to_loom(layout: Layout, hf: Mapping[str, Any], cfg: ModelConfig,
                                   f"{layout.name} model of this config.json has")
         arrays = [np.asarray(hf[n]() if callable(hf[n]) else hf[n]) for n in t.hf]
         want = [tuple(shapes[p]) for p in t.loom]
+        shapes_in = [a.shape for a in arrays]
         try:
             got = t.to_loom(arrays, want)
-        except ValueError:
-            got = []
+        except ValueError as e:    # a reshape or split the tensor's shape does not allow
+            raise CheckpointError(f"tensor {t.hf[0]!r} of shape {shapes_in[0]} cannot be "
+                                  f"converted to Loom's {want[0]} ({e}); the checkpoint does not "
+                                  "fit the model its config.json describes") from e
         if [x.shape for x in got] != want:
-            raise CheckpointError(f"tensor {t.hf[0]!r} has shape {arrays[0].shape}, which does "
-                                  "not fit the model its config.json describes")
+            raise CheckpointError(f"tensor {t.hf[0]!r} has shape {shapes_in[0]}, which does "
+                                  "not fit the model its config.json describes (Loom expects "
+                                  f"{want[0]})")
         out.update(zip(t.loom, (x.astype(dtype) for x in got)))
         used.update(t.hf)
     unused = sorted(n for n in set(hf) - used if not re.search(layout.ignored, n))

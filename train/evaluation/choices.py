@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from data.sources import DataError
+from errors import DataError
 from data.tokenizer import BOS, Tokenizer
 
 

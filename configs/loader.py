@@ -1,0 +1,171 @@
+"""Config files and the command line every Loom CLI shares: loading an experiment file,
+applying `--config.a.b=value` overrides, the --help table of every key, and console logging.
+
+Only configs/base.py and ml_collections are needed here, so every layer (data/, train/) and
+every CLI can use it.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from ml_collections import ConfigDict
+
+from configs.base import HELP, get_config as base_config
+from errors import VERBOSE_ENV, ConfigError
+
+
+def load(path: str | Path) -> ConfigDict:
+    """Runs `get_config()` of a Python config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (e.g. --config configs/quickstart.py)")
+    spec = importlib.util.spec_from_file_location(f"loom_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} defines no get_config()")
+    return module.get_config()
+
+
+def flat_items(cfg: ConfigDict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) for every leaf of the config, in definition order."""
+    for key, value in cfg.items():
+        if isinstance(value, ConfigDict):
+            yield from flat_items(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _parse(key: str, text: str, current: Any) -> Any:
+    """Converts a command-line string to the type of the key's current value."""
+    kind = type(current)
+    try:
+        if kind is bool:
+            lowered = text.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return lowered in ("true", "1", "yes")
+        if kind is int:
+            return int(text.replace("_", ""))
+        if kind is float:
+            return float(text)
+        if kind is str:
+            return text
+        if kind in (tuple, list):
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = tuple(t for t in text.split(",") if t)  # a,b,c -> tuple of strings
+            if isinstance(value, str):
+                value = (value,)
+            if not isinstance(value, (tuple, list)):
+                raise ValueError
+            return tuple(value)
+    except ValueError:
+        pass
+    else:
+        raise ConfigError(f"config key {key} has a value of type {kind.__name__}, which cannot "
+                          "be set from the command line")
+    raise ConfigError(f"--config.{key}={text!r}: expected a {kind.__name__} "
+                      f"(current value {current!r})")
+
+
+def override(cfg: ConfigDict, key: str, text: str) -> None:
+    """Sets dotted `key` from its command-line text; unknown keys name their nearest match."""
+    node, parts = cfg, key.split(".")
+    for depth, part in enumerate(parts):
+        here = ".".join(parts[:depth])
+        if not isinstance(node, ConfigDict) or part not in node:
+            known = sorted(node.keys()) if isinstance(node, ConfigDict) else []
+            near = difflib.get_close_matches(part, known, n=1)
+            hint = f"; did you mean {'.'.join(parts[:depth] + near)}?" if near else ""
+            where = f" in {here}" if here else ""
+            raise ConfigError(f"unknown config key {key!r}{hint} (keys{where}: {', '.join(known)})")
+        if depth < len(parts) - 1:
+            node = node[part]
+    current = node[parts[-1]]
+    if isinstance(current, ConfigDict):
+        raise ConfigError(f"config key {key!r} is a group; set one of its keys: "
+                          f"{', '.join(sorted(current.keys()))}")
+    node[parts[-1]] = _parse(key, text, current)
+
+
+def apply_overrides(cfg: ConfigDict, args: Sequence[str]) -> ConfigDict:
+    """Applies `--config.key=value` / `--config.key value` arguments in order."""
+    args = list(args)
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("--config."):
+            raise ConfigError(f"unrecognised argument {arg!r}; config overrides look like "
+                              "--config.opt.lr=1e-3 (see --help)")
+        key, sep, text = arg[len("--config."):].partition("=")
+        if not sep:
+            if not args:
+                raise ConfigError(f"--config.{key} needs a value, e.g. --config.{key}=VALUE")
+            text = args.pop(0)
+        override(cfg, key, text)
+    return cfg
+
+
+def help_table(cfg: ConfigDict) -> str:
+    """One line per config key: name, current value, meaning."""
+    rows = [(k, repr(v), HELP.get(k, "")) for k, v in flat_items(cfg) if k != "mesh.rules"]
+    width = max(len(k) for k, _, _ in rows)
+    return "\n".join(f"  --config.{k:<{width}} {h} [{v}]" for k, v, h in rows) + \
+        "\n  --config.mesh.rules           " + HELP["mesh.rules"]
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+          config_required: bool = True) -> tuple[argparse.Namespace, ConfigDict | None]:
+    """Adds --config to `parser`, parses, loads the config and applies --config.* overrides."""
+    parser.add_argument("--config", required=config_required,
+                        help="experiment file defining get_config(), e.g. configs/quickstart.py")
+    add_verbose(parser)
+    parser.epilog = ("config overrides (--config.KEY=VALUE; defaults of configs/base.py):\n"
+                     + help_table(base_config()))
+    args, rest = parser.parse_known_args(argv)
+    quiet_libraries()
+    if not args.config:
+        if rest:
+            raise ConfigError(f"{rest[0]!r} needs --config (or is not an option of this command)")
+        return args, None
+    return args, apply_overrides(load(args.config), rest)
+
+
+def add_verbose(parser: argparse.ArgumentParser) -> None:
+    """--verbose: an error's traceback and causes, not just its one line (errors.fail_cleanly,
+    which reads it from the command line, since it wraps the parsing)."""
+    parser.add_argument("--verbose", action="store_true",
+                        help=f"show the traceback and cause of an error (or set {VERBOSE_ENV}=1)")
+
+
+def quiet_libraries() -> None:
+    """Loom's own progress at INFO; tfds/orbax/absl chatter only when it is an error."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for name in ("model", "train", "data"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def parse_run(parser: argparse.ArgumentParser, argv: Sequence[str] | None
+              ) -> tuple[argparse.Namespace, list[str]]:
+    """For commands on a trained run: adds --workdir and --step, parses, and returns the
+    --config.KEY=VALUE arguments, which override the run's saved config (train.restore)."""
+    parser.add_argument("--workdir", required=True, help="directory of a training run")
+    parser.add_argument("--step", default="latest",
+                        help="checkpoint: latest, best (lowest eval loss) or a step number")
+    add_verbose(parser)
+    parser.epilog = ("overrides of the run's saved config (--config.KEY=VALUE; model keys are "
+                     "fixed by the checkpoint), e.g.:\n" + "\n".join(
+                         line for line in help_table(base_config()).splitlines()
+                         if line.strip().startswith(("--config.data.", "--config.mesh.",
+                                                     "--config.eval."))))
+    parsed = parser.parse_known_args(argv)
+    quiet_libraries()
+    return parsed

@@ -1,0 +1,2 @@
+"""Evaluation: loss, perplexity and bits per byte over a split, and zero-shot multiple-choice
+scoring."""

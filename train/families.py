@@ -1,0 +1,181 @@
+"""The one place per model family and per training objective.
+
+A `Family` says how to build its Flax module (model/) and the inputs that create its
+parameters, how to count its training FLOPs, whether and how it writes text (the stepper the
+decoding loops drive, and how a prompt enters the model) and which Hugging Face layouts it maps
+to. An `Objective` says which family it trains, its loss (train/objectives.py), its synthetic
+batch (train/synthetic.py), its decoder length and whether bits per byte are defined for it.
+The rows an objective's data pipeline makes are data/pipeline.py's `ROWS`, since data/ imports
+nothing from train/.
+
+Adding a family: its module in model/ (and its name in model.config.FAMILIES), a `Family` here,
+its objectives' losses, rows and synthetic batches, and their tests. Nothing else branches on a
+family or objective name.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import ConfigDict
+
+from errors import ConfigError
+from model.config import FAMILIES as MODEL_FAMILIES, ModelConfig
+from model.decoder import DecoderLM
+from model.electra import ElectraLM
+from model.encoder import EncoderLM
+from model.encoder_decoder import EncoderDecoderLM
+from train import objectives as losses, synthetic
+from train.decoding import steppers
+from train.hf import bert as hf_bert, decoder as hf_decoder
+from train.hf.layout import Layout
+
+# How a family writes text: "continue" a prompt ([BOS] + prompt, decoder-only), "encode" it
+# (prompt + [EOS] into the encoder, output decoded from [BOS]), or None (no text: encoders).
+PROMPTING = ("continue", "encode")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    module: Callable[..., nn.Module]               # module(cfg) or module(cfg, decode=...)
+    n_inputs: int                                  # positional token arrays `init` needs
+    flops: Callable[[ModelConfig, int, int, int | None], float]
+    prompting: str | None = None                   # see PROMPTING
+    stepper: Callable[..., steppers.Stepper] | None = None   # (cfg, use_cache, window, keep)
+    hf_layouts: tuple[Layout, ...] = ()
+
+    def build(self, cfg: ModelConfig, *, decode: bool = False) -> nn.Module:
+        """The Flax module; `decode=True` (KV cache) for the families that write text."""
+        if not decode:
+            return self.module(cfg)
+        if self.stepper is None:
+            raise ConfigError(f"model.family={self.name!r} does not decode autoregressively")
+        return self.module(cfg, decode=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    name: str
+    family: str
+    loss: losses.Objective
+    synthetic: Callable[[int, int, int, int], dict[str, Any]]   # (rows, length, vocab, seed)
+    decoder_length: Callable[[int], int] | None = None          # seq_len -> decoder tokens
+    bits_per_byte: bool = False        # its targets are the text itself, so bytes are defined
+
+
+def _attention(layers: int, cfg: ModelConfig, context: int) -> float:
+    """PaLM's attention FLOPs per query token, forward + backward: 12 * L * heads * K * context."""
+    return 12.0 * layers * cfg.n_heads * cfg.head_size * context
+
+
+# Training FLOPs per input token: 6N for the matmuls forward+backward plus attention (PaLM
+# appendix B; N counts every parameter, embeddings included, as shared/bench's reference does).
+
+def _stack_flops(cfg: ModelConfig, n_params: int, seq_len: int, _decoder_len=None) -> float:
+    return 6.0 * n_params + _attention(cfg.n_layers, cfg, seq_len)
+
+
+def _electra_flops(cfg: ModelConfig, n_params: int, seq_len: int, _decoder_len=None) -> float:
+    """The generator's attention too (its parameters are in N)."""
+    generator = cfg.generator_config()
+    return _stack_flops(cfg, n_params, seq_len) + _attention(generator.n_layers, generator,
+                                                             seq_len)
+
+
+def _encoder_decoder_flops(cfg: ModelConfig, n_params: int, seq_len: int,
+                           decoder_len: int | None = None) -> float:
+    """Per encoder token (data.seq_len, the unit of tokens/s) with `decoder_len` decoder tokens
+    per row (default seq_len): encoder parameters work on seq_len tokens, decoder parameters and
+    the output projection on decoder_len, token lookups are free; plus self- and
+    cross-attention."""
+    t, s = seq_len, decoder_len or seq_len
+    shapes = jax.eval_shape(lambda: build(cfg).init(jax.random.PRNGKey(0), *init_inputs(cfg)))
+    n_decoder = sum(x.size for x in jax.tree.leaves(shapes["params"]["decoder"]))
+    n_lookup = cfg.vocab_size * cfg.d_model                  # the token embedding table
+    n_output = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model   # untied lm_head
+    n_encoder = n_params - n_decoder - n_lookup - n_output
+    matmuls = 6.0 * (n_encoder * t + (n_decoder + cfg.vocab_size * cfg.d_model) * s)
+    attention = _attention(cfg.n_layers, cfg, t) * t + \
+        _attention(cfg.decoder_layers, cfg, s + t) * s      # decoder: self + cross
+    return (matmuls + attention) / t
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("decoder", DecoderLM, n_inputs=1, flops=_stack_flops, prompting="continue",
+           stepper=steppers.decoder_stepper, hf_layouts=(hf_decoder.LLAMA, hf_decoder.GPT2)),
+    Family("encoder", EncoderLM, n_inputs=1, flops=_stack_flops, hf_layouts=(hf_bert.BERT,)),
+    Family("electra", ElectraLM, n_inputs=1, flops=_electra_flops),
+    Family("encoder_decoder", EncoderDecoderLM, n_inputs=2, flops=_encoder_decoder_flops,
+           prompting="encode", stepper=steppers.encoder_decoder_stepper),
+)}
+assert set(FAMILIES) == set(MODEL_FAMILIES), "every model family needs a Family record"
+
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
+    Objective("clm", "decoder", losses.clm, synthetic.clm_batch, bits_per_byte=True),
+    Objective("mlm", "encoder", losses.mlm,
+              lambda *a: synthetic.mlm_batch(*a, pairs=True)),
+    Objective("electra", "electra", losses.electra,
+              lambda *a: synthetic.mlm_batch(*a, pairs=False)),
+    Objective("span_corruption", "encoder_decoder", losses.seq2seq,
+              synthetic.span_corruption_batch,
+              decoder_length=lambda t: synthetic.span_corruption_length(t)[1]),
+    Objective("prefix_lm", "encoder_decoder", losses.seq2seq, synthetic.prefix_lm_batch,
+              decoder_length=lambda t: t),
+)}
+
+
+def family(cfg_or_name: ModelConfig | str) -> Family:
+    """The record of a family (by name, or of a ModelConfig); an unknown name is a ConfigError."""
+    name = cfg_or_name if isinstance(cfg_or_name, str) else cfg_or_name.family
+    if name not in FAMILIES:
+        raise ConfigError(f"model.family={name!r}: choose one of {tuple(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def objective(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        raise ConfigError(f"train.objective={name!r}: choose one of {tuple(OBJECTIVES)}")
+    return OBJECTIVES[name]
+
+
+def objectives_of(family_name: str) -> tuple[str, ...]:
+    """The objectives that train a family."""
+    return tuple(o.name for o in OBJECTIVES.values() if o.family == family_name)
+
+
+def build(cfg: ModelConfig, *, decode: bool = False) -> nn.Module:
+    """The Flax module of `cfg.family`."""
+    return family(cfg).build(cfg, decode=decode)
+
+
+def init_inputs(cfg: ModelConfig, batch: int = 1, length: int = 8) -> tuple:
+    """Positional inputs that `build(cfg).init` needs to create every parameter."""
+    return (jnp.zeros((batch, length), jnp.int32),) * family(cfg).n_inputs
+
+
+def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int,
+                    decoder_len: int | None = None) -> float:
+    """Training FLOPs per input token of a model of `cfg` with `n_params` parameters."""
+    return family(cfg).flops(cfg, n_params, seq_len, decoder_len)
+
+
+def decoder_length(config: ConfigDict) -> int | None:
+    """Decoder tokens per row of the synthetic batches of `config` (None: no decoder)."""
+    length = objective(config.train.objective).decoder_length
+    return length(config.data.seq_len) if length else None
+
+
+def synthetic_batch(config: ConfigDict, sharding, seed: int = 1) -> dict[str, jax.Array]:
+    """A global batch of data.batch_size rows of data.seq_len tokens for `train.objective`."""
+    name = config.train.objective
+    if name != "clm" and config.model.vocab_size < 4 * synthetic.FIRST_TOKEN:
+        raise ConfigError(f"synthetic {name} batches need model.vocab_size >= "
+                          f"{4 * synthetic.FIRST_TOKEN}, got {config.model.vocab_size}")
+    rows = objective(name).synthetic(config.data.batch_size, config.data.seq_len,
+                                     config.model.vocab_size, seed)
+    return jax.device_put({k: np.asarray(v) for k, v in rows.items()}, sharding)

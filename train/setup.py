@@ -1,0 +1,79 @@
+"""Everything a validated config determines before any array exists: the mesh, the model, the
+optimizer, the shardings of the train state and the batch, and the jitted steps.
+
+Training (train/loop.py), restoring a run (train/restore.py), Hugging Face import and the
+benchmarks all start from `build`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import optax
+from jax.sharding import Mesh, NamedSharding
+from ml_collections import ConfigDict
+
+from data.pipeline import check_tokenizer
+from data.tokenizer import Tokenizer
+from errors import ConfigError
+from model.config import ModelConfig
+from model.sharding import Rules, activate, batch_sharding, make_mesh, rules_from_config
+from train import families, optimizer, state as state_lib, step as step_lib
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a config determines before any array exists."""
+    config: ConfigDict
+    model_cfg: ModelConfig
+    model: nn.Module
+    mesh: Mesh
+    rules: Rules
+    tx: optax.GradientTransformation
+    lr_schedule: optax.Schedule
+    state_shardings: state_lib.TrainState
+    batch_sharding: NamedSharding
+
+    @property
+    def objective(self) -> families.Objective:
+        return families.objective(self.config.train.objective)
+
+    def train_step(self):
+        return step_lib.jit_train_step(
+            self.state_shardings, self.batch_sharding, objective=self.objective.loss,
+            model=self.model, tx=self.tx, lr_schedule=self.lr_schedule,
+            grad_accum=self.config.opt.grad_accum, z_loss=self.config.train.z_loss)
+
+    def eval_step(self):
+        return step_lib.jit_eval_step(self.state_shardings.params, self.batch_sharding,
+                                      objective=self.objective.loss, model=self.model)
+
+
+def build(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Setup:
+    """Mesh (over `devices`, default all), model, optimizer and shardings for a config that
+    `train.config.validate` accepted and whose vocab size is known (`with_vocab`)."""
+    mesh = make_mesh(config.mesh, devices)
+    rules = rules_from_config(config.mesh.rules)
+    model_cfg = ModelConfig.from_mapping(config.model)
+    model = families.build(model_cfg)
+    tx, lr_schedule = optimizer.make(config.opt, config.train.steps)
+    with activate(mesh, rules):
+        shardings = state_lib.shardings(model, model_cfg, tx, mesh, rules)
+    return Setup(config, model_cfg, model, mesh, rules, tx, lr_schedule, shardings,
+                 batch_sharding(mesh, rules))
+
+
+def with_vocab(config: ConfigDict, tokenizer: Tokenizer) -> ConfigDict:
+    """The config with model.vocab_size resolved from the tokenizer (0 = take its size) and the
+    tokenizer's fingerprint recorded (a configured one must match)."""
+    config = ConfigDict(config.to_dict())
+    check_tokenizer(tokenizer, config.data.tokenizer.fingerprint, "data.tokenizer.fingerprint")
+    config.data.tokenizer.fingerprint = tokenizer.fingerprint
+    if config.model.vocab_size == 0:
+        config.model.vocab_size = tokenizer.vocab_size
+    elif config.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
+                          f"tokenizer's {tokenizer.vocab_size} pieces; set it to 0 (automatic)")
+    return config
