@@ -1,18 +1,11 @@
-"""ELECTRA for a laptop CPU: a generator a quarter of the discriminator's width, sharing its
-embeddings, trained jointly with replaced-token detection on the Python standard library."""
-from configs.base import get_config as base
+"""ELECTRA for a laptop CPU: bert_tiny's encoder as the discriminator, with a generator a quarter
+of its width sharing its embeddings, trained jointly with replaced-token detection on the Python
+standard library."""
+from configs.bert_tiny import get_config as bert_tiny
 
 
 def get_config():
-    c = base()
-    c.model.update(family="electra", d_model=256, n_heads=4, n_layers=4, d_ff=1024, mlp="gelu",
-                   norm="layernorm", norm_eps=1e-12, pos="learned", max_len=128, use_bias=True,
-                   dropout=0.1, type_vocab_size=2, generator_scale=0.25, dtype="float32",
-                   scan_layers=False)
-    c.data.update(seq_len=128, batch_size=16)
-    c.data.tokenizer.update(vocab_size=4096, sample_chars=3_000_000)
-    c.opt.update(lr=1e-3, warmup_steps=50, b2=0.98, weight_decay=0.01)
-    c.train.update(objective="electra", steps=600, log_every=25)
-    c.eval.update(every=200, steps=20, sample_prompt="")
-    c.ckpt.update(every=200, keep=2, keep_best=1)
+    c = bert_tiny()
+    c.model.update(family="electra", generator_scale=0.25)
+    c.train.update(objective="electra")
     return c

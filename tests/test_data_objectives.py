@@ -7,7 +7,7 @@ import grain
 import numpy as np
 import pytest
 
-from data import masking, pipeline, sentence_pairs, span_corruption
+from data import config as data_config, masking, pipeline, sentence_pairs, span_corruption
 from data.packing import Doc
 from errors import DataError
 from data.tokenizer import CLS, MASK, SEP, Tokenizer
@@ -67,7 +67,7 @@ def test_every_objective_yields_its_batch_layout(config, tokenizer, objective, p
     if pairs != "none":
         layout.update(pair_labels=INT, pair_weights=FLOAT)
     assert set(batch) == set(layout) | {"epoch"}
-    t, s = config.data.seq_len, pipeline.target_length(config.data, objective)
+    t, s = config.data.seq_len, data_config.target_length(config.data, objective)
     for key, dtype in layout.items():
         assert batch[key].dtype == dtype, key
         length = s if key.startswith("decoder_") else t

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from data import builder, cleaning, mixture, pipeline
+from data import builder, cleaning, config as data_config, mixture, pipeline
 from data.cleaning import CleanConfig
 from errors import DataError
 from data.tokenizer import Tokenizer
@@ -210,4 +210,4 @@ def test_mixture_specs_are_checked(config):
                          ((("python_stdlib", 1.0), ("python_stdlib", 2.0)), "twice")]:
         config.data.mixture = mix
         with pytest.raises(DataError, match=message):
-            pipeline.check_config(config.data)
+            data_config.check(config.data, "clm")

@@ -17,6 +17,8 @@ from data import builder, pipeline
 from data.tokenizer import BOS, EOS
 from train import eval as eval_cli
 from train import generate as generate_cli
+from train.decoding.generate import generate_text
+from train.decoding.options import Options
 from train.loop import read_metrics, train
 from train.restore import restore
 
@@ -203,9 +205,9 @@ def test_generate_cli_matches_the_python_api(run_dir, on_one_device, capsys):
                        "--strategy", "beam", "--beam-width", "2", "--max-new-tokens", "6",
                        "--stop", "\\n"])                                        # 8 devices
     printed = capsys.readouterr().out.splitlines()
-    options = generate_cli.Options("beam", beam_width=2)
+    options = Options("beam", beam_width=2)
     stop = on_one_device.tokenizer.piece_id("\n")
-    texts = generate_cli.generate_text(on_one_device.setup.model_cfg, on_one_device.params,
+    texts = generate_text(on_one_device.setup.model_cfg, on_one_device.params,
                                        on_one_device.tokenizer, prompts, max_new_tokens=6,
                                        options=options, stop_ids=(EOS, stop))
     assert printed == [prompts[0] + texts[0], "-" * 40, prompts[1] + texts[1], "-" * 40]

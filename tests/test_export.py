@@ -26,7 +26,8 @@ from model.config import ModelConfig  # noqa: E402
 from errors import ModelConfigError  # noqa: E402
 from model.layers import rope  # noqa: E402
 from train.hf import convert as export, tokenizer as hf_tokenizer  # noqa: E402
-from errors import CheckpointError  # noqa: E402
+from errors import ConversionError  # noqa: E402
+from train import export as export_cli  # noqa: E402
 from configs.loader import load  # noqa: E402
 from train.hf.layout import flat_unrolled  # noqa: E402
 from train.loop import read_metrics, train  # noqa: E402
@@ -203,7 +204,7 @@ def test_exported_tokenizer_encodes_like_loom(model_type, config, tmp_path):
     else:
         tok = nfkc_vocabulary(texts + ["ﬁ ligature ① ｆｕｌｌ  width"])
         texts += ["ﬁ ligature ① ｆｕｌｌ  width  ", "  squeezed   spaces "]
-        with pytest.raises(CheckpointError, match="rewrites the user-defined pieces"):
+        with pytest.raises(ConversionError, match="rewrites the user-defined pieces"):
             hf_tokenizer.write(nfkc_vocabulary(texts, ["\n"]), tmp_path, max_len=64)
     hf_tokenizer.write(tok, tmp_path, max_len=1 << 20)
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
@@ -248,7 +249,7 @@ def train_losses(workdir):
 
 def test_round_trip_is_bit_identical_and_training_continues(trained_run, tmp_path):
     config, workdir = trained_run
-    export.main(["to-hf", "--workdir", str(workdir), "--out", str(tmp_path / "hf")])
+    export_cli.main(["to-hf", "--workdir", str(workdir), "--out", str(tmp_path / "hf")])
     export.import_hf(tmp_path / "hf", tmp_path / "imported", config)
     assert same_tree(restore(tmp_path / "imported").params, restore(workdir).params)
 
@@ -265,7 +266,7 @@ def test_round_trip_is_bit_identical_and_training_continues(trained_run, tmp_pat
 
 def run_cli(capsys, *argv) -> str:
     with pytest.raises(SystemExit) as exit_info:
-        export.main(list(map(str, argv)))
+        export_cli.main(list(map(str, argv)))
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
     return err

@@ -13,12 +13,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-pytest.importorskip("model.encoder")
 
 from train import families  # noqa: E402
 from data.tokenizer import Tokenizer  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from test_export import base_config, perturbed, random_params, same_tree  # noqa: E402
+from train import export as export_cli  # noqa: E402
 from train.hf import convert as export  # noqa: E402
 from train.restore import restore  # noqa: E402
 
@@ -96,7 +96,7 @@ def test_bert_saved_by_transformers_imports_with_its_outputs(tokenizer_path, tmp
     config = (tmp_path / "hf" / "config.json").read_text()
     (tmp_path / "hf" / "config.json").write_text(config.replace('"gelu_new"', '"gelu"'))
     with pytest.raises(SystemExit):
-        export.main(["from-hf", "--hf", str(tmp_path / "hf"), "--workdir", str(tmp_path / "b")])
+        export_cli.main(["from-hf", "--hf", str(tmp_path / "hf"), "--workdir", str(tmp_path / "b")])
     assert "hidden_act='gelu'" in capsys.readouterr().err and not (tmp_path / "b").exists()
 
 

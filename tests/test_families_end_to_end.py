@@ -9,6 +9,7 @@ import pytest
 
 from train import eval as eval_cli
 from train import generate as generate_cli
+from train.evaluation import evaluate as evaluation
 from train.families import OBJECTIVES
 from train.loop import train
 
@@ -52,7 +53,7 @@ def test_family_trains_evaluates_and_restores_on_real_text(config, tmp_path, cap
         assert "--- sample after 6 steps ---\ndef main( -> " in capsys.readouterr().out
     # the best checkpoint, restored onto one device, evaluates to the training run's numbers
     best = min(evals, key=lambda r: r["loss"])
-    eval_cli.run(tmp_path, "best", steps=2, devices=jax.devices()[:1])
+    evaluation.run(tmp_path, "best", steps=2, devices=jax.devices()[:1])
     again = records(tmp_path / "eval.jsonl")[-1]
     assert again["step"] == best["step"]
     assert again["loss"] == pytest.approx(best["loss"], rel=1e-4)

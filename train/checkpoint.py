@@ -15,6 +15,7 @@ import grain
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
+from configs.base import get_config as base_config
 from train.state import TrainState
 from errors import CheckpointError
 
@@ -27,12 +28,17 @@ def directory(workdir: str | os.PathLike) -> Path:
     return Path(workdir).expanduser().absolute() / "checkpoints"
 
 
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
+
+
 class Checkpointer:
     """One run's checkpoint directory (`<workdir>/checkpoints/<step>/<item>`)."""
 
     def __init__(self, workdir: str | os.PathLike, ckpt_cfg: Mapping[str, Any] | None = None,
                  *, read_only: bool = False):
-        ckpt_cfg = {"keep": 3, "keep_best": 1, "async_save": True} | dict(ckpt_cfg or {})
+        ckpt_cfg = base_config().ckpt.to_dict() | dict(ckpt_cfg or {})   # defaults: base.py
         keep = [policies.LatestN(n=ckpt_cfg["keep"])]
         if ckpt_cfg["keep_best"]:
             keep.append(policies.BestN(get_metric_fn=lambda m: m[EVAL_METRIC], reverse=True,
@@ -99,13 +105,23 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
     def _restore(self, step: int, **items) -> Any:
+        where = self.path / str(step)
+        missing = [name for name in items if not (where / name).exists()]
+        if missing:
+            raise CheckpointError(f"checkpoint {where} has no {', '.join(missing)} item (it is "
+                                  "incomplete); restore another step, e.g. --step latest or a "
+                                  f"number from {self.steps()}")
         try:
             return self.manager.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError, FileNotFoundError) as e:
+        except (ValueError, KeyError, TypeError) as e:
+            # orbax names the leaf whose shape, dtype or tree structure differs
             raise CheckpointError(
-                f"checkpoint {self.path / str(step)} does not fit this run ({type(e).__name__}: "
-                f"{str(e)[:500]}); check that the model config matches the one it was saved "
-                "with") from None
+                f"checkpoint {where} does not fit this run: {_first_line(e)}; its parameters "
+                "were saved for another model config (compare its config item with this "
+                "run's)") from e
+        except (OSError, RuntimeError) as e:   # tensorstore: unreadable or truncated files
+            raise CheckpointError(f"checkpoint {where} cannot be read: {_first_line(e)}; it may "
+                                  "be truncated or corrupt; restore another step") from e
 
     def restore_state(self, step: int, abstract_state: TrainState,
                       data_iterator: Any = None) -> TrainState:
