@@ -15,10 +15,13 @@ from conftest import tiny_config
 
 from data import builder, pipeline
 from data.tokenizer import BOS, EOS
+from errors import ConfigError, DataError
+from model.sharding import activate
 from train import eval as eval_cli
 from train import generate as generate_cli
 from train.decoding.generate import generate_text
 from train.decoding.options import Options
+from train.evaluation import choices
 from train.loop import read_metrics, train
 from train.restore import restore
 
@@ -178,6 +181,146 @@ def test_multiple_choice_scoring_matches_full_forward_passes(run_dir, on_one_dev
     assert record["loglik"] == pytest.approx(np.mean(chosen), rel=1e-4)
     # the trained text beats its own characters shuffled (same bytes, rarer pieces)
     assert all(loglik[i][labels[i]] > loglik[i][shuffled[i]] for i in labelled)
+
+
+def _trained(config, workdir, family, objective, steps):
+    """`config` turned into a `family` model trained `steps` steps on `objective`, evaluated and
+    checkpointed only at the end."""
+    config.model.update(family=family, pos="learned", n_decoder_layers=1)
+    config.train.update(objective=objective, steps=steps)
+    config.eval.update(every=0, steps=1)
+    config.ckpt.update(every=0)
+    train(config, workdir, progress=False)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def seq2seq_run(data_dir, tokenizer_path, tmp_path_factory):
+    """An encoder-decoder (learned positions, so contexts must be cut) trained 2 steps as a
+    prefix LM on 8 devices, and its checkpoint restored onto one device."""
+    workdir = _trained(tiny_config(data_dir, tokenizer_path), tmp_path_factory.mktemp("s2s"),
+                       "encoder_decoder", "prefix_lm", steps=2)
+    return workdir, restore(workdir, "latest", devices=jax.devices()[:1])
+
+
+def seq2seq_scores(restored, encoder_ids, continuation_ids):
+    """log p(continuation | encoder input) and whether greedy decoding writes the continuation,
+    by one full forward pass from [BOS] (the decoder's right padding to max_len, which a causal
+    decoder does not see, keeps the decoder one shape; the encoder has no padding)."""
+    n, width = len(continuation_ids), restored.setup.model_cfg.max_len
+    forward = _forwards.setdefault(("s2s", id(restored)), jax.jit(
+        lambda e, d: restored.setup.model.apply({"params": restored.params}, e, d)))
+    decoder_inputs = [BOS] + continuation_ids[:-1] + [0] * (width - n)
+    logits = forward(jnp.array([encoder_ids]), jnp.array([decoder_inputs]))[0, :n]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    targets = jnp.array(continuation_ids)
+    return (float(jnp.sum(jnp.take_along_axis(logp, targets[:, None], -1))),
+            bool(jnp.all(jnp.argmax(logits, -1) == targets)))
+
+
+def test_encoder_decoder_scoring_matches_full_forward_passes(seq2seq_run, tmp_path):
+    workdir, restored = seq2seq_run
+    tokenizer, max_len = restored.tokenizer, restored.setup.model_cfg.max_len
+    texts = list(pipeline.documents(restored.config.data, "train"))
+    items, _ = _choice_items(texts, n=4)
+    long_context = texts[0][:3000]                     # far more than max_len tokens
+    assert len(tokenizer.encode(long_context)) > 2 * max_len
+    items.append({"context": long_context, "continuations": [" import os", " x = 1"],
+                  "label": 1})
+    path = tmp_path / "task.jsonl"
+    path.write_text("\n".join(json.dumps(item) for item in items) + "\n", encoding="utf-8")
+    eval_cli.main(["--workdir", str(workdir), "--choices", str(path)])          # 8 devices
+    record = eval_records(workdir)[-1]
+    assert record["split"] == "choices/task" and record["items"] == len(items)
+
+    # the context + [EOS] in the encoder, its last max_len tokens; the continuation on its own
+    loglik, greedy, tokens, n_bytes, labels = [], [], [], [], []
+    for item in items:
+        encoder_ids = (tokenizer.encode(item["context"]) + [EOS])[-max_len:]
+        conts = item.get("continuations", [item.get("continuation")])
+        rows = [seq2seq_scores(restored, encoder_ids, tokenizer.encode(c)) for c in conts]
+        loglik.append(np.array([r[0] for r in rows]))
+        greedy.append([r[1] for r in rows])
+        tokens.append(np.array([len(tokenizer.encode(c)) for c in conts]))
+        n_bytes.append(np.array([len(c.encode("utf-8")) for c in conts]))
+        labels.append(item.get("label"))
+    with activate(restored.setup.mesh, restored.setup.rules):
+        scores = choices.score_items(restored, choices.read_items(path))    # one device
+    for s, ll, t, b in zip(scores, loglik, tokens, n_bytes):
+        np.testing.assert_allclose(s.loglik, ll, rtol=1e-4)
+        np.testing.assert_array_equal(s.tokens, t)
+        np.testing.assert_array_equal(s.bytes, b)
+    labelled = [i for i, label in enumerate(labels) if label is not None]
+
+    def accuracy(norm):
+        return np.mean([np.argmax(loglik[i] / norm[i]) == labels[i] for i in labelled])
+
+    assert record["accuracy"] == pytest.approx(accuracy([1] * len(items)))
+    assert record["accuracy_per_token"] == pytest.approx(accuracy(tokens))
+    assert record["accuracy_per_byte"] == pytest.approx(accuracy(n_bytes))
+    chosen = [label or 0 for label in labels]
+    chosen_ll = [ll[c] for ll, c in zip(loglik, chosen)]
+    assert record["loglik"] == pytest.approx(np.mean(chosen_ll), rel=1e-4)
+    assert record["bits_per_byte"] == pytest.approx(
+        -sum(chosen_ll) / math.log(2) / sum(int(b[c]) for b, c in zip(n_bytes, chosen)),
+        rel=1e-4)
+    assert record["greedy_match"] == pytest.approx(
+        np.mean([g[c] for g, c in zip(greedy, chosen)]))
+
+
+def test_encoder_decoder_scores_do_not_depend_on_the_batch(seq2seq_run):
+    _, restored = seq2seq_run
+    texts = list(pipeline.documents(restored.config.data, "train"))
+    items = [choices.Item(t[:20], (" a", " import os, sys"), 0, f"item {i}")
+             for i, t in enumerate(texts[:3])]
+    long = choices.Item(texts[3][:3000], (" return x" * 12,), None, "long")
+    with activate(restored.setup.mesh, restored.setup.rules):
+        alone = [choices.score_items(restored, [item])[0] for item in items]
+        # with a long context and long continuation: wider encoder and decoder padding
+        together = choices.score_items(restored, [items[0], long, items[1], items[2]])
+    for a, t in zip(alone, [together[0]] + together[2:]):
+        np.testing.assert_allclose(a.loglik, t.loglik, rtol=1e-5)
+        np.testing.assert_array_equal(a.greedy, t.greedy)
+
+
+class _CharTokenizer:
+    """One id per character, with a dummy prefix: enough to pin down the row layout."""
+    adds_dummy_prefix = True
+
+    def encode(self, text):
+        return [ord(c) for c in " " + text]
+
+
+def test_seq2seq_rows_cut_the_context_and_keep_the_continuation_whole():
+    row = choices.to_seq2seq_row(_CharTokenizer(), "abcdef", " xy", 4, "here")
+    # the dummy prefix stands for the continuation's leading space: " xy", not "  xy"
+    assert row.tokens == (BOS, ord(" "), ord("x"), ord("y")) and row.scored == 3
+    assert row.encoder == (ord("d"), ord("e"), ord("f"), EOS)   # the last max_len, EOS kept
+    with pytest.raises(DataError, match="here: a continuation of 5 tokens does not fit"):
+        choices.to_seq2seq_row(_CharTokenizer(), "a", "wxyz", 4, "here")
+
+
+def test_only_families_that_write_text_are_scored():
+    assert choices.prompting("decoder") == "continue"
+    assert choices.prompting("encoder_decoder") == "encode"
+    for family in ("encoder", "electra"):
+        with pytest.raises(ConfigError, match=f"model.family='{family}' writes no text"):
+            choices.prompting(family)
+
+
+def test_choices_on_an_encoder_run_are_one_error_line(data_dir, tokenizer_path, tmp_path,
+                                                       capsys):
+    workdir = _trained(tiny_config(data_dir, tokenizer_path), tmp_path / "run", "encoder",
+                       "mlm", steps=1)
+    path = tmp_path / "task.jsonl"
+    path.write_text('{"context": "a", "continuation": " b"}\n')
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        eval_cli.main(["--workdir", str(workdir), "--choices", str(path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --choices scores the continuations")
+    assert "model.family='encoder' writes no text" in err[0] and "without --choices" in err[0]
 
 
 @pytest.mark.parametrize("args,message", [

@@ -4,11 +4,25 @@ benchmarks (HellaSwag, PIQA, ARC, LAMBADA, ...) score a language model. One item
     {"context": "The capital of France is", "continuations": [" Paris", " Rome"], "label": 0}
     {"context": "He opened the door and", "continuation": " left"}   # one continuation
 
-A continuation's log-likelihood is log p(continuation | context), summed over its tokens. The
-pair is tokenised as one text, [BOS] + encode(context + continuation), so the pieces at the seam
-are the ones training saw; the scored tokens are those covering continuation bytes (a piece
-straddling the seam counts as continuation). Context tokens beyond model.max_len are dropped
-from the left.
+A continuation's log-likelihood is log p(continuation | context), summed over its tokens. How
+the pair enters the model is its family's prompting (train/families.py), as in generation:
+
+  continue  (decoder-only) The pair is tokenised as one text, [BOS] + encode(context +
+            continuation), so the pieces at the seam are the ones training saw; the scored tokens
+            are those covering continuation bytes (a piece straddling the seam counts as
+            continuation). Context tokens beyond model.max_len are dropped from the left.
+  encode    (encoder-decoder) The encoder reads encode(context) + [EOS], as in training and
+            generation, cut to its last model.max_len tokens (context dropped from the left, EOS
+            kept). The decoder is teacher-forced from [BOS] on the continuation tokenised on its
+            own, encode(continuation), and every one of those tokens is scored; the EOS that
+            would end the output is not (the continuation may be only its beginning). A leading
+            space stays in the text: Loom's tokenizers keep whitespace and add no dummy prefix,
+            so " Paris" starts with the piece "\u2581Paris", as a prefix-LM target cut before a
+            word does. With a tokenizer that adds a dummy prefix, one leading space is dropped
+            first, since the prefix stands for it.
+
+Families that write no text (encoder, electra) cannot be scored this way: a ConfigError. A
+continuation's tokens are its scored tokens, its bytes the UTF-8 bytes of its text, in both.
 
 Metrics over the items:
   accuracy            the continuation with the highest log-likelihood is the label
@@ -25,15 +39,18 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from errors import DataError
-from data.tokenizer import BOS, Tokenizer
+from data.tokenizer import BOS, EOS, Tokenizer
+from errors import ConfigError, DataError
+from model.config import ModelConfig
+from train import families
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +99,9 @@ def _item(line: str, where: str) -> Item:
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    tokens: tuple[int, ...]     # [BOS] + context + continuation pieces (maybe left-truncated)
+    tokens: tuple[int, ...]     # [BOS] + (context +) continuation pieces (maybe left-truncated)
     scored: int                 # the last `scored` tokens are the continuation
+    encoder: tuple[int, ...] = ()   # "encode": context pieces + [EOS]; "continue": none
 
 
 def to_row(tokenizer: Tokenizer, context: str, continuation: str, max_len: int,
@@ -98,6 +116,22 @@ def to_row(tokenizer: Tokenizer, context: str, continuation: str, max_len: int,
         raise DataError(f"{where}: a continuation of {scored} tokens does not fit the model's "
                         f"{max_len}-token context")
     return Row(tokens[-(max_len + 1):], scored)
+
+
+def to_seq2seq_row(tokenizer: Tokenizer, context: str, continuation: str, max_len: int,
+                   where: str) -> Row:
+    """The encoder tokens of a context and the decoder tokens of a continuation, all of them
+    scored, for an encoder-decoder model (see the module docstring)."""
+    if tokenizer.adds_dummy_prefix and continuation.startswith(" "):
+        continuation = continuation[1:]
+    ids = tuple(tokenizer.encode(continuation))
+    if not ids:
+        raise DataError(f"{where}: the continuation {continuation!r} encodes to no tokens")
+    if len(ids) > max_len:
+        raise DataError(f"{where}: a continuation of {len(ids)} tokens does not fit the "
+                        f"model's {max_len}-token decoder")
+    encoder = tuple(tokenizer.encode(context)) + (EOS,)
+    return Row((BOS,) + ids, len(ids), encoder[-max_len:])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +149,15 @@ def _width(length: int, max_len: int) -> int:
     return min(max(16, 1 << (length - 1).bit_length()), max_len)
 
 
-def _batch(rows: Sequence[Row], size: int, width: int) -> dict[str, np.ndarray]:
+def _positions(segments_BxT: np.ndarray) -> np.ndarray:
+    """0, 1, ... along each row's real (left-aligned) tokens, 0 on padding."""
+    return np.arange(segments_BxT.shape[1], dtype=np.int32)[None, :] * segments_BxT
+
+
+def _batch(rows: Sequence[Row], size: int, width: int,
+           encoder_width: int = 0) -> dict[str, np.ndarray]:
+    """`size` rows (the missing ones padding) in the clm layout of train/objectives.py, or with
+    `encoder_width` in the encoder-decoder one (the clm keys become the decoder_ keys)."""
     inputs = np.zeros((size, width), np.int32)
     targets, segments, weights = np.zeros_like(inputs), np.zeros_like(inputs), \
         np.zeros((size, width), np.float32)
@@ -123,23 +165,68 @@ def _batch(rows: Sequence[Row], size: int, width: int) -> dict[str, np.ndarray]:
         n = len(row.tokens) - 1
         inputs[r, :n], targets[r, :n], segments[r, :n] = row.tokens[:-1], row.tokens[1:], 1
         weights[r, n - row.scored:n] = 1.0
-    positions = np.broadcast_to(np.arange(width, dtype=np.int32), (size, width)).copy()
-    return {"inputs": inputs, "targets": targets, "positions": positions * segments,
-            "segment_ids": segments, "weights": weights}
+    batch = {"inputs": inputs, "targets": targets, "positions": _positions(segments),
+             "segment_ids": segments, "weights": weights}
+    if not encoder_width:
+        return batch
+    encoder = np.zeros((size, encoder_width), np.int32)
+    encoder_segments = np.zeros_like(encoder)
+    for r, row in enumerate(rows):
+        encoder[r, :len(row.encoder)], encoder_segments[r, :len(row.encoder)] = row.encoder, 1
+    return {"encoder_inputs": encoder, "encoder_positions": _positions(encoder_segments),
+            "encoder_segment_ids": encoder_segments,
+            **{f"decoder_{k}": v for k, v in batch.items()}}
 
 
-def _row_scorer(setup) -> Any:
+def _causal_logits(model: nn.Module, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+    return model.apply({"params": params}, batch["inputs"], batch["positions"],
+                       batch["segment_ids"])
+
+
+def _seq2seq_logits(model: nn.Module, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+    return model.apply({"params": params}, batch["encoder_inputs"], batch["decoder_inputs"],
+                       batch["encoder_positions"], batch["encoder_segment_ids"],
+                       batch["decoder_positions"], batch["decoder_segment_ids"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """How one prompting mode (train/families.py) scores pairs: the row of a pair, the logits of
+    a batch of rows, and the prefix of the batch keys of its scored targets and weights."""
+    row: Callable[[Tokenizer, str, str, int, str], Row]
+    logits: Callable[[nn.Module, Any, dict[str, jax.Array]], jax.Array]
+    scored_keys: str
+
+
+MODES = {"continue": Mode(to_row, _causal_logits, ""),
+         "encode": Mode(to_seq2seq_row, _seq2seq_logits, "decoder_")}
+assert set(MODES) == set(families.PROMPTING), "every prompting mode needs a Mode"
+
+
+def prompting(model: ModelConfig | str) -> str:
+    """The prompting mode of a model (or family name) to score it with; a family that writes no
+    text is a ConfigError. Cheap: callers can check a run before restoring it."""
+    family = families.family(model)
+    if family.prompting is None:
+        raise ConfigError(f"--choices scores the continuations a model writes, and "
+                          f"model.family={family.name!r} writes no text (it predicts or labels "
+                          "tokens in place); evaluate its loss on a split with train.eval instead, "
+                          "without --choices")
+    return family.prompting
+
+
+def _row_scorer(setup, mode: Mode) -> Any:
     """Jitted (params, batch) -> per-row summed log-likelihood of the weighted targets and
     whether each of them is the argmax."""
-    model = setup.model
+    model, key = setup.model, mode.scored_keys
 
     def score(params, batch):
-        logits_BxTxV = model.apply({"params": params}, batch["inputs"], batch["positions"],
-                                   batch["segment_ids"]).astype(jnp.float32)
+        logits_BxTxV = mode.logits(model, params, batch).astype(jnp.float32)
+        targets_BxT = batch[key + "targets"]
         logp_BxTxV = jax.nn.log_softmax(logits_BxTxV, axis=-1)
-        target_BxT = jnp.take_along_axis(logp_BxTxV, batch["targets"][..., None], -1)[..., 0]
-        scored_BxT = batch["weights"] > 0
-        hit_BxT = jnp.argmax(logits_BxTxV, -1) == batch["targets"]
+        target_BxT = jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], -1)[..., 0]
+        scored_BxT = batch[key + "weights"] > 0
+        hit_BxT = jnp.argmax(logits_BxTxV, -1) == targets_BxT
         return {"loglik": jnp.sum(jnp.where(scored_BxT, target_BxT, 0.0), axis=1),
                 "greedy": jnp.all(hit_BxT | ~scored_BxT, axis=1)}
 
@@ -150,20 +237,26 @@ def _row_scorer(setup) -> Any:
 
 def score_items(restored, items: Sequence[Item]) -> list[Scores]:
     """Scores of every item's continuations under a restored run (train/restore.py), in
-    batches of data.batch_size rows on its mesh. Call inside its `activate(mesh, rules)`."""
+    batches of data.batch_size rows on its mesh. Call inside its `activate(mesh, rules)`. A
+    family that writes no text is a ConfigError (`prompting`), raised before any work."""
     setup, tokenizer = restored.setup, restored.tokenizer
+    mode = MODES[prompting(setup.model_cfg)]
     max_len, size = setup.model_cfg.max_len, setup.config.data.batch_size
-    rows = [to_row(tokenizer, item.context, c, max_len, item.where)
+    rows = [mode.row(tokenizer, item.context, c, max_len, item.where)
             for item in items for c in item.continuations]
-    scorer = _row_scorer(setup)
+    scorer = _row_scorer(setup, mode)
     loglik, greedy = np.zeros(len(rows)), np.zeros(len(rows), bool)
-    order = sorted(range(len(rows)), key=lambda r: len(rows[r].tokens))  # similar widths batch
+    # rows of similar widths share a batch
+    order = sorted(range(len(rows)), key=lambda r: (len(rows[r].encoder), len(rows[r].tokens)))
     for start in range(0, len(order), size):
         chunk = order[start:start + size]
         width = _width(max(len(rows[r].tokens) - 1 for r in chunk), max_len)
+        encoder_len = max(len(rows[r].encoder) for r in chunk)
+        encoder_width = _width(encoder_len, max_len) if encoder_len else 0
         batch = {k: jax.make_array_from_callback(v.shape, setup.batch_sharding,
                                                  lambda index, v=v: v[index])
-                 for k, v in _batch([rows[r] for r in chunk], size, width).items()}
+                 for k, v in _batch([rows[r] for r in chunk], size, width,
+                                    encoder_width).items()}
         out = jax.device_get(scorer(restored.params, batch))
         loglik[chunk], greedy[chunk] = out["loglik"][:len(chunk)], out["greedy"][:len(chunk)]
     scores, r = [], 0

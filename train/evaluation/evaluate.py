@@ -28,7 +28,7 @@ from errors import DataError
 from model.sharding import activate
 from train.evaluation import choices as choices_lib
 from train.metrics import MetricsLog
-from train.restore import Restored, restore
+from train.restore import Restored, restore, saved_config
 
 
 def evaluate(eval_step: Callable[..., dict[str, jax.Array]], params: Any,
@@ -117,6 +117,8 @@ def run(workdir: str | Path, step: str | int = "latest", *, split: str | None = 
     """Evaluates a checkpoint of `workdir` (see the module docstring); returns the records
     written, by name ("eval/<dataset>/<split>", "choices/<file stem>")."""
     tasks = [(path, choices_lib.read_items(path)) for path in choices]  # fail before restoring
+    if tasks:   # a family that writes no text cannot score continuations
+        choices_lib.prompting(saved_config(workdir, step)[0].model.family)
     restored = restore(workdir, step, config_args=config_args, devices=devices)
     config = restored.config
     split = split or (None if choices else config.data.eval_split)
