@@ -12,9 +12,11 @@ nmt_nfkc) is refused: sentencepiece shields those pieces, tokenizers cannot.
 Known differences: a control piece written literally in a text ("[MASK]", "<extra_id_0>",
 "</s>") is that special token for Hugging Face clients (their convention, which fill-mask and T5
 prompts rely on), while Loom's sentencepiece model never makes a control piece from text (its
-pipelines insert them); unigram segmentations that tie in score (runs of whitespace-only pieces, in
-another order) may be resolved differently, since the two implementations sum scores in
-different precisions; with a BPE vocabulary, text right after a literal multi-character
+pipelines insert them); unigram segmentations that tie in score (the same pieces of a run of
+spaces or of punctuation, in another order) may be resolved differently, and on long texts
+(thousands of characters) near-ties too, since sentencepiece sums scores in float32 and
+`tokenizers` in float64: Hugging Face may pick a segmentation that scores slightly higher, with
+a different number of tokens (measured in the README's export section); with a BPE vocabulary, text right after a literal multi-character
 special piece ("[MASK]") gets a "▁" of its own. For BERT, where "[MASK]" in text is the point,
 [CLS]/[SEP]/[MASK] are split off first and the dummy prefix comes from a `Metaspace`
 pre-tokenizer instead, which gets special pieces inside a text right but not the "▁" of a text
