@@ -11,6 +11,7 @@ import ast
 import difflib
 import importlib.util
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -130,7 +131,7 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
     parser.epilog = ("config overrides (--config.KEY=VALUE; defaults of configs/base.py):\n"
                      + help_table(base_config()))
     args, rest = parser.parse_known_args(argv)
-    quiet_libraries()
+    configure_logging()
     if not args.config:
         if rest:
             raise ConfigError(f"{rest[0]!r} needs --config (or is not an option of this command)")
@@ -145,12 +146,32 @@ def add_verbose(parser: argparse.ArgumentParser) -> None:
                         help=f"show the traceback and cause of an error (or set {VERBOSE_ENV}=1)")
 
 
-def quiet_libraries() -> None:
-    """Loom's own progress at INFO; tfds/orbax/absl chatter only when it is an error."""
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+def configure_logging() -> None:
+    """Console logging for a CLI: Loom's own progress (the `model`, `train` and `data` loggers)
+    at INFO, each line once and from process 0 only; warnings from anywhere and any host; the
+    chatter of absl (which tfds, orbax and grain log through), jax and orbax only when it is an
+    error.
+
+    Loom's loggers keep propagating to the one console handler on the root logger (basicConfig's),
+    so nothing prints twice and a handler set up by someone else (an application, pytest's caplog)
+    still sees every record; a root logger that already has handlers is left as it is. Calling
+    it again changes nothing.
+    """
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+
+        def from_process_0(record: logging.LogRecord) -> bool:
+            # Progress from one host, problems from all. Only asks jax once it is imported (a
+            # Loom INFO line comes after jax has started, so this starts no backend early).
+            jax = sys.modules.get("jax")
+            return record.levelno >= logging.WARNING or jax is None or jax.process_index() == 0
+
+        root.handlers[0].addFilter(from_process_0)
     for name in ("model", "train", "data"):
         logging.getLogger(name).setLevel(logging.INFO)
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    for name in ("absl", "jax", "jaxlib", "orbax"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def parse_run(parser: argparse.ArgumentParser, argv: Sequence[str] | None
@@ -167,5 +188,5 @@ def parse_run(parser: argparse.ArgumentParser, argv: Sequence[str] | None
                          if line.strip().startswith(("--config.data.", "--config.mesh.",
                                                      "--config.eval."))))
     parsed = parser.parse_known_args(argv)
-    quiet_libraries()
+    configure_logging()
     return parsed

@@ -24,7 +24,7 @@ from data.mixture import Source
 from errors import DataError
 
 SPLITS = ("train", "validation")
-log = logging.getLogger("loom.data")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(eq=False)
@@ -43,6 +43,15 @@ class LocalCorpus(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "Local documents, split by key hash.",
                      "1.1.0": "Split by content hash; empty documents kept (cleaning drops them)."}
     BUILDER_CONFIGS = [CorpusConfig(name="default")]
+
+    # tfds prints "Downloading and preparing dataset ..." and "... downloaded and prepared"
+    # (termcolor, not logging) around every preparation; nothing is downloaded here, and
+    # `prepare` logs "preparing <name> in <dir>" itself.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -200,8 +209,6 @@ def read_split(source: Source, data_cfg: Mapping[str, Any], split: str,
     cache = epath.Path(prepared.data_dir) / "loom_clean" / slug
     kept = cleaning.kept_documents(read, len(records), clean, cache, name)
     cleaning.check_not_empty(kept, name)
-    if kept.counts["kept"] < kept.counts["documents"]:
-        log.warning("%s", kept.report(name))
     plain = isinstance(prepared.info.features[source.text_field], tfds.features.Text) and \
         hasattr(records, "data_source")
     texts = grain.MapDataset.source(CleanTexts(records, kept.indices, source.text_field, clean,

@@ -32,7 +32,7 @@ _TRAILING = re.compile(r"[ \t]+\n")
 _BLANK_LINES = re.compile(r"\n{3,}")
 DROP_REASONS = ("empty", "too_short", "too_long", "duplicate")
 _READ_BLOCK = 1024
-log = logging.getLogger("loom.data")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,14 +156,16 @@ def kept_documents(read: Callable[[Sequence[int]], list[str]], size: int, cfg: C
             saved = np.load(f)
             return Kept(saved["indices"], json.loads(str(saved["counts"])))
     if size > 100_000:
-        log.warning("%s: cleaning pass over %d documents (once; cached in %s)", name, size,
-                    cache_dir)
+        log.info("%s: cleaning pass over %d documents (once; cached in %s)", name, size,
+                 cache_dir)
 
     def texts():
         for start in range(0, size, _READ_BLOCK):
             yield from read(range(start, min(start + _READ_BLOCK, size)))
 
     kept = filter_documents(texts(), cfg)
+    if kept.counts["kept"] < size:   # reported by the pass that found it; a cache hit is silent
+        log.info("%s", kept.report(name))
     if cache is not None:
         _save(cache, kept)
     return kept

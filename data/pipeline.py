@@ -33,7 +33,7 @@ from errors import DataError
 from data.tokenizer import Tokenizer
 
 TOKENIZER_FILE = tokenizer_lib.MODEL_FILE
-log = logging.getLogger("loom.data")
+log = logging.getLogger(__name__)
 
 
 def _split_documents(data_cfg: Mapping[str, Any], split: str) -> list[grain.MapDataset]:

@@ -18,6 +18,7 @@ from errors import MeshError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = tuple[tuple[str, Any], ...]
+log = logging.getLogger(__name__)
 
 
 
@@ -83,8 +84,8 @@ def _fit(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, what: str) -> Pa
         names = axes if isinstance(axes, tuple) else (axes,)
         size = math.prod(mesh.shape[a] for a in names if a is not None)
         if axes is not None and dim % size:
-            logging.info("%s: dimension %d not divisible by mesh axes %s; replicated", what, dim,
-                         axes)
+            log.info("%s: dimension %d not divisible by mesh axes %s; replicated", what, dim,
+                     axes)
             axes = None
         fitted.append(axes)
     return PartitionSpec(*fitted)

@@ -102,7 +102,7 @@ def test_bad_files_are_counted_and_reported_never_silent(config, tmp_path, caplo
     config.data.clean.update(max_chars=1_000_000)
     clean = CleanConfig.from_mapping(config.data.clean)
     source = mixture.sources(config.data)[0]
-    with caplog.at_level(logging.WARNING, logger="loom.data"):
+    with caplog.at_level(logging.INFO, logger="data"):
         counts = Counter()
         for split in ("train", "validation"):
             docs, kept = builder.read_split(source, config.data, split, clean)

@@ -20,7 +20,7 @@ from train.config import validate
 from train.decoding import generate
 from train.decoding.options import Options
 from train.evaluation.evaluate import evaluate
-from train.metrics import MetricsLog, peak_tflops, throughput
+from train.metrics import MetricsLog, console, peak_tflops, throughput
 from train.setup import Setup, build, with_vocab
 
 
@@ -91,9 +91,7 @@ def train(config: ConfigDict, workdir: str | Path, *, progress: bool = True,
             sample = _sample(setup, state.params, tokenizer)
             if sample is not None:
                 log.text(int(state.step), "sample", sample)
-                if jax.process_index() == 0:
-                    print(f"\n--- sample after {int(state.step)} steps ---\n{sample}\n---",
-                          flush=True)
+                console(f"\n--- sample after {int(state.step)} steps ---\n{sample}\n---")
         log.close()
     ckpt.close()
     return {**(last_eval or {}), "sample": sample}
@@ -122,8 +120,8 @@ def _train_steps(setup: Setup, state: state_lib.TrainState, batches: pipeline.Gl
     for step in range(first + 1, last + 1):
         batch = next(batches, None)
         if batch is None:   # data.num_epochs passes are done: end here, as if step-1 were last
-            print(f"data: the {config.data.num_epochs} epoch(s) of training data ended after "
-                  f"step {step - 1}; stopping", flush=True)
+            console(f"data: the {config.data.num_epochs} epoch(s) of training data ended after "
+                    f"step {step - 1}; stopping")
             if first < step - 1 != saved:
                 reporter.flush(force=True)
                 last_eval = run_eval(step - 1, state.params)

@@ -1,10 +1,16 @@
 """Run metrics to three places: the console (with a progress bar), TensorBoard event files and
-`<workdir>/metrics.jsonl` (one JSON object per record, always with `step`)."""
+`<workdir>/metrics.jsonl` (one JSON object per record, always with `step`).
+
+On the console, the run's own lines (metrics, `console`) go to stdout and the bar and log lines to
+stderr; all of them from process 0 only.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -12,6 +18,7 @@ import jax
 import numpy as np
 import tqdm
 from tensorboardX import SummaryWriter
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 # Dense bf16 peak TFLOP/s per chip (datasheet), matched against jax's device_kind.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10G": 70.0,
@@ -38,6 +45,20 @@ def throughput(step_seconds: float, tokens_per_step: int, flops_per_token: float
     return out
 
 
+def console(text: str) -> None:
+    """Prints a line of the run's report to stdout, on process 0 only, above the progress bar
+    if one is showing; flushed, so it keeps its place among the log lines on stderr."""
+    if jax.process_index() == 0:
+        tqdm.tqdm.write(text, file=sys.stdout)
+        sys.stdout.flush()
+
+
+def _on_terminal() -> bool:
+    """Whether stdout and stderr are both a terminal: a bar redrawn with carriage returns is
+    noise in a file or a pipe, and stdout through a pipe (`| tee`) lags behind the bar."""
+    return all(stream is not None and stream.isatty() for stream in (sys.stdout, sys.stderr))
+
+
 def _plain(value: Any) -> Any:
     value = np.asarray(value).item() if hasattr(value, "shape") or isinstance(value, np.generic) \
         else value
@@ -45,7 +66,11 @@ def _plain(value: Any) -> Any:
 
 
 class MetricsLog:
-    """Writes records on process 0 only; every process may call it."""
+    """Writes records on process 0 only; every process may call it.
+
+    The progress bar shows only with `progress` and a terminal; while it shows, console log
+    lines are written above it too (tqdm's logging redirect), and `close` puts them back.
+    """
 
     def __init__(self, workdir: str | os.PathLike, total_steps: int, initial_step: int = 0,
                  progress: bool = True, filename: str = "metrics.jsonl"):
@@ -55,8 +80,12 @@ class MetricsLog:
         workdir = Path(workdir)
         self.jsonl = open(workdir / filename, "a", buffering=1)
         self.tb = SummaryWriter(str(workdir / "tensorboard"))
-        self.bar = tqdm.tqdm(total=total_steps, initial=initial_step, disable=not progress,
+        show = progress and _on_terminal()
+        self.bar = tqdm.tqdm(total=total_steps, initial=initial_step, disable=not show,
                              dynamic_ncols=True, desc="train")
+        self.redirect = contextlib.ExitStack()
+        if show:
+            self.redirect.enter_context(logging_redirect_tqdm())
 
     def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         """Records `metrics` at `step`; keys are prefixed (e.g. "eval/") in TensorBoard."""
@@ -71,7 +100,7 @@ class MetricsLog:
                 self.tb.add_scalar(prefix + k, v, step)
         shown = {k: v for k, v in record.items() if isinstance(v, float)}
         line = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
-        self.bar.write(f"[{prefix or 'train/'}step {step}] {line}")
+        console(f"[{prefix or 'train/'}step {step}] {line}")
         return record
 
     def advance(self, step: int, loss: float | None = None) -> None:
@@ -89,5 +118,6 @@ class MetricsLog:
     def close(self) -> None:
         if self.active:
             self.bar.close()
+            self.redirect.close()
             self.tb.close()
             self.jsonl.close()

@@ -3,8 +3,8 @@
 `generate()` is the Python API for batches: prompts of different lengths are left-padded (each
 row's positions count only its real tokens, so padding changes nothing), and decoding runs in
 one jitted `lax.while_loop` over the family's stepper (train/decoding/steppers.py: KV cache,
-sliding window for prompts longer than the model's context). A row stops at any of `stop_ids` (kept in the output)
-or after `max_new_tokens`.
+sliding window for prompts longer than the model's context). A row stops at any of `stop_ids`
+(kept in the output) or after `max_new_tokens`.
 """
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ def shown(cfg: ModelConfig, prompt: str, text: str) -> str:
 
 
 def generate_run(workdir: str | Path, step: str | int, prompts: Sequence[str], *,
-                 options: Options, config_args: Sequence[str] = (), max_new_tokens: int = 64,
+                 options: Options, max_new_tokens: int, config_args: Sequence[str] = (),
                  seed: int = 0, stops: Sequence[str] = (), window: int = 0, keep: int = 0,
                  use_cache: bool = True) -> list[str]:
     """What `python -m train.generate` prints: each prompt with the text a restored run writes
