@@ -69,6 +69,15 @@ def test_scan_matches_unrolled_layers():
                                build(unrolled_cfg).apply({"params": unrolled}, x), atol=1e-5)
 
 
+def _grad_temp_bytes(cfg, x):
+    """Scratch memory XLA allocates for the compiled loss and gradient of `cfg` on `x`: the
+    activations kept for the backward pass live there."""
+    params = jax.eval_shape(lambda: init(cfg, x))
+    loss = lambda p: jnp.mean(build(cfg).apply({"params": p}, x) ** 2)  # noqa: E731
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
 @pytest.mark.parametrize("remat", ["full", "dots", "minimal"])
 def test_remat_changes_memory_not_gradients(remat):
     x = tokens()
@@ -80,6 +89,15 @@ def test_remat_changes_memory_not_gradients(remat):
     g0 = jax.grad(lambda p: loss(BASE, p))(params)
     g1 = jax.grad(lambda p: loss(dataclasses.replace(BASE, remat=remat), p))(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
+
+    # Deep and long enough that the saved activations dominate the scratch memory. Scanned
+    # layers: XLA:CPU's scheduler recomputes unrolled ones early, so there remat saves ~5%.
+    # Measured on jax 0.10: full 0.28, minimal 0.39, dots 0.53 of remat=none's temp bytes.
+    cfg = dataclasses.replace(BASE, n_layers=4, scan_layers=True)
+    x = tokens(4, 32)
+    stored = _grad_temp_bytes(cfg, x)
+    recomputed = _grad_temp_bytes(dataclasses.replace(cfg, remat=remat), x)
+    assert 0 < recomputed < 0.75 * stored, (recomputed, stored)
 
 
 def test_every_param_has_logical_names():
