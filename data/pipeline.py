@@ -32,7 +32,6 @@ from data.packing import Doc
 from errors import DataError
 from data.tokenizer import Tokenizer
 
-TOKENIZER_FILE = tokenizer_lib.MODEL_FILE
 log = logging.getLogger(__name__)
 
 
@@ -253,24 +252,24 @@ def load_or_train_tokenizer(data_cfg: Mapping[str, Any], workdir: str | Path) ->
     """
     if jax.process_count() == 1:
         return _load_or_train_tokenizer(data_cfg, workdir)
-    from jax.experimental import multihost_utils
+    from jax.experimental import multihost_utils   # deferred: multi-process runs only
     if jax.process_index() == 0:
         for split in {data_cfg["train_split"], data_cfg["eval_split"]}:
             documents(data_cfg, split)
         tokenizer = _load_or_train_tokenizer(data_cfg, workdir)
     multihost_utils.sync_global_devices("loom: corpus prepared and vocabulary saved")
     if jax.process_index() != 0:
-        if not (Path(workdir) / TOKENIZER_FILE).exists():
+        if not (Path(workdir) / tokenizer_lib.MODEL_FILE).exists():
             raise DataError(f"process {jax.process_index()} cannot see {workdir}/"
-                            f"{TOKENIZER_FILE}, which process 0 wrote: every host of a run needs "
-                            "the same --workdir on a shared filesystem")
+                            f"{tokenizer_lib.MODEL_FILE}, which process 0 wrote: every host of a "
+                            "run needs the same --workdir on a shared filesystem")
         tokenizer = _load_or_train_tokenizer(data_cfg, workdir)
     return tokenizer
 
 
 def _load_or_train_tokenizer(data_cfg: Mapping[str, Any], workdir: str | Path) -> Tokenizer:
     tok_cfg = data_cfg["tokenizer"]
-    run_copy = Path(workdir) / TOKENIZER_FILE
+    run_copy = Path(workdir) / tokenizer_lib.MODEL_FILE
     configured = Tokenizer.load(tok_cfg["path"]) if tok_cfg["path"] else None
     if run_copy.exists():
         tokenizer = Tokenizer.load(run_copy)
@@ -293,12 +292,3 @@ def _load_or_train_tokenizer(data_cfg: Mapping[str, Any], workdir: str | Path) -
     if jax.process_index() == 0:
         tokenizer.save(run_copy)
     return tokenizer
-
-
-def check_tokenizer(tokenizer: Tokenizer, expected_fingerprint: str, where: str) -> None:
-    """A vocabulary other than the one `where` was made with is an error, not a silent switch."""
-    if expected_fingerprint and expected_fingerprint != tokenizer.fingerprint:
-        raise DataError(
-            f"{where} was made with tokenizer {expected_fingerprint}, but {tokenizer.source} is "
-            f"{tokenizer.fingerprint}; restore the run's original tokenizer.model (or use a new "
-            "--workdir)")

@@ -30,7 +30,7 @@ def stdlib_dir() -> Path:
 
 def python_stdlib() -> Iterator[Document]:
     """pydoc topic texts, then every standard-library module's source, in a fixed order."""
-    from pydoc_data.topics import topics
+    from pydoc_data.topics import topics   # deferred: a large module, read only here
     for name in sorted(topics):
         yield f"pydoc/{name}", topics[name]
     root = stdlib_dir()
@@ -45,7 +45,8 @@ def python_stdlib() -> Iterator[Document]:
 
 def python_stdlib_fingerprint() -> str:
     """Changes whenever the interpreter (and so the corpus) changes."""
-    return f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}:{stdlib_dir()}"
+    version = ".".join(map(str, sys.version_info[:3]))
+    return f"{version}:{stdlib_dir()}"
 
 
 def expand(patterns: Sequence[str]) -> list[str]:

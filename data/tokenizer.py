@@ -153,6 +153,15 @@ class Tokenizer:
         os.replace(tmp, path)
 
 
+def check_tokenizer(tokenizer: Tokenizer, expected_fingerprint: str, where: str) -> None:
+    """A vocabulary other than the one `where` was made with is an error, not a silent switch."""
+    if expected_fingerprint and expected_fingerprint != tokenizer.fingerprint:
+        raise DataError(
+            f"{where} was made with tokenizer {expected_fingerprint}, but {tokenizer.source} is "
+            f"{tokenizer.fingerprint}; restore the run's original tokenizer.model (or use a new "
+            "--workdir)")
+
+
 def _chunks(text: str, size: int) -> Iterator[str]:
     """Consecutive pieces of at most `size` characters of `text`."""
     start = 0
@@ -233,7 +242,7 @@ def input_texts(spec: str, *, text_field: str = "text", data_dir: str | None = N
                 split: str = "train", seed: int = 0) -> Iterator[str]:
     """Cleaned documents of `spec` in a seeded random order: a glob of local files, or the name
     of a tfds dataset prepared in `data_dir`."""
-    from data import builder, cleaning, sources
+    from data import builder, cleaning, sources   # deferred: tfds loads only for this CLI
     clean = cleaning.CleanConfig.create()
     files = sources.expand([spec])
     if files:

@@ -36,12 +36,12 @@ def data_dir(tmp_path_factory):
 def tokenizer_path(data_dir, tmp_path_factory):
     """A 512-piece sentencepiece model trained on the corpus' train split."""
     from data import pipeline
-    from data.tokenizer import Tokenizer
+    from data.tokenizer import MODEL_FILE, Tokenizer
     cfg = tiny_config(data_dir, "")
     workdir = tmp_path_factory.mktemp("tokenizer")
     tokenizer = pipeline.load_or_train_tokenizer(cfg.data, workdir)
     assert isinstance(tokenizer, Tokenizer)
-    return str(workdir / pipeline.TOKENIZER_FILE)
+    return str(workdir / MODEL_FILE)
 
 
 def tiny_config(data_dir: str, tokenizer_path: str):

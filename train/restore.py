@@ -13,8 +13,7 @@ import jax
 from ml_collections import ConfigDict
 
 from configs.loader import apply_overrides
-from data.pipeline import TOKENIZER_FILE, check_tokenizer
-from data.tokenizer import Tokenizer
+from data.tokenizer import MODEL_FILE, Tokenizer, check_tokenizer
 from errors import CheckpointError
 from model.sharding import activate
 from train import state as state_lib
@@ -68,7 +67,7 @@ def restore(workdir: str | Path, step: str | int = "latest", *,
         raise CheckpointError("--config.model.* cannot be changed when restoring: the "
                               "checkpoint's parameters define the model")
     validate(apply_overrides(config, config_args), devices)
-    tokenizer_path = workdir / TOKENIZER_FILE
+    tokenizer_path = workdir / MODEL_FILE
     if not tokenizer_path.is_file():
         raise CheckpointError(f"{tokenizer_path} is missing; a run directory keeps its "
                               "vocabulary there")

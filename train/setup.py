@@ -15,8 +15,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from ml_collections import ConfigDict
 
-from data.pipeline import check_tokenizer
-from data.tokenizer import Tokenizer
+from data.tokenizer import Tokenizer, check_tokenizer
 from errors import ConfigError
 from model.config import ModelConfig
 from model.sharding import Rules, activate, batch_sharding, make_mesh, rules_from_config

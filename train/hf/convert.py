@@ -23,8 +23,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from configs.base import get_config as base_config
-from data.pipeline import TOKENIZER_FILE
-from data.tokenizer import BOS, EOS, PAD, Tokenizer
+from data.tokenizer import BOS, EOS, MODEL_FILE, PAD, Tokenizer
 from errors import CheckpointError, ConfigError, DependencyError, ModelConfigError
 from model.config import ModelConfig
 from model.sharding import activate
@@ -48,7 +47,7 @@ RUN_CONFIG_PY = "config.py"
 
 def _safetensors():
     try:
-        import safetensors.numpy
+        import safetensors.numpy   # deferred: an optional dependency (the [hf] extra)
     except ImportError as e:
         raise DependencyError("Hugging Face export/import needs safetensors: "
                               "pip install -e '.[hf]'") from e
@@ -193,7 +192,7 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, config: ConfigDict | None
                                       config.train.seed)
 
     workdir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(workdir / TOKENIZER_FILE)
+    tokenizer.save(workdir / MODEL_FILE)
     ckpt = Checkpointer(workdir, config.ckpt)
     ckpt.save(0, state, config=config.to_dict())
     ckpt.wait()

@@ -16,8 +16,9 @@ pipelines insert them); unigram segmentations that tie in score (the same pieces
 spaces or of punctuation, in another order) may be resolved differently, and on long texts
 (thousands of characters) near-ties too, since sentencepiece sums scores in float32 and
 `tokenizers` in float64: Hugging Face may pick a segmentation that scores slightly higher, with
-a different number of tokens (measured in the README's export section); with a BPE vocabulary, text right after a literal multi-character
-special piece ("[MASK]") gets a "▁" of its own. For BERT, where "[MASK]" in text is the point,
+a different number of tokens (measured in the README's export section); with a BPE
+vocabulary, text right after a literal multi-character special piece ("[MASK]") gets a "▁" of
+its own. For BERT, where "[MASK]" in text is the point,
 [CLS]/[SEP]/[MASK] are split off first and the dummy prefix comes from a `Metaspace`
 pre-tokenizer instead, which gets special pieces inside a text right but not the "▁" of a text
 that starts with a space or one of them.
@@ -32,9 +33,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from data.pipeline import TOKENIZER_FILE
 from errors import DataError
-from data.tokenizer import BOS, EOS, PAD, UNK, Tokenizer
+from data.tokenizer import BOS, EOS, MODEL_FILE, PAD, UNK, Tokenizer
 from errors import CheckpointError, ConversionError, DependencyError
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -49,7 +49,7 @@ BERT_PIECES = ("[CLS]", "[SEP]", "[MASK]")
 
 def sentencepiece_proto(tokenizer: Tokenizer) -> Any:
     """The tokenizer's sentencepiece ModelProto: pieces, scores, types, normalizer settings."""
-    from sentencepiece import sentencepiece_model_pb2
+    from sentencepiece import sentencepiece_model_pb2   # deferred: protobuf, export only
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(tokenizer.model_proto)
     return proto
@@ -72,6 +72,7 @@ def _bpe_merges(pieces: list[Any], ids: dict[str, int]) -> list[tuple[str, str]]
 def fast_tokenizer(tokenizer: Tokenizer, bert: bool = False) -> Any:
     """The vocabulary as a `tokenizers.Tokenizer` that encodes like the sentencepiece model,
     adding BOS in front (decoders) or BERT's [CLS] A [SEP] (B [SEP]) around the text."""
+    # deferred: `tokenizers` is an optional dependency (pip install -e '.[hf]')
     from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, \
         processors
     from tokenizers import Tokenizer as FastTokenizer
@@ -153,7 +154,7 @@ def write(tokenizer: Tokenizer, out: Path, max_len: int, bert: bool = False) -> 
         raise DependencyError("exporting a tokenizer needs the `tokenizers` package: "
                               "pip install -e '.[hf]'") from e
     pieces = sentencepiece_proto(tokenizer).pieces
-    tokenizer.save(out / TOKENIZER_FILE)
+    tokenizer.save(out / MODEL_FILE)
     fast.save(str(out / TOKENIZER_JSON))
     names = {f"{role}_token": pieces[i].piece
              for role, i in (("bos", BOS), ("eos", EOS), ("unk", UNK), ("pad", PAD))}
@@ -170,10 +171,10 @@ def write(tokenizer: Tokenizer, out: Path, max_len: int, bert: bool = False) -> 
 
 def read(hf_dir: Path) -> Tokenizer:
     """The sentencepiece vocabulary of a Hugging Face directory (its `tokenizer.model`)."""
-    path = hf_dir / TOKENIZER_FILE
+    path = hf_dir / MODEL_FILE
     if not path.is_file():
         raise CheckpointError(
-            f"{hf_dir} has no {TOKENIZER_FILE}: Loom trains and reads sentencepiece vocabularies "
+            f"{hf_dir} has no {MODEL_FILE}: Loom trains and reads sentencepiece vocabularies "
             "only, so import needs the checkpoint's sentencepiece model (byte-level BPE "
             "vocabularies such as GPT-2's vocab.json/merges.txt cannot be used)")
     try:
