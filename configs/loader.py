@@ -11,9 +11,10 @@ import ast
 import difflib
 import importlib.util
 import logging
+import math
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from ml_collections import ConfigDict
 
@@ -28,19 +29,47 @@ def load(path: str | Path) -> ConfigDict:
         raise ConfigError(f"config file {path} does not exist (e.g. --config configs/quickstart.py)")
     spec = importlib.util.spec_from_file_location(f"loom_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {path} defines no get_config()")
-    return module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"config file {path} defines no get_config()")
+        cfg = module.get_config()
+    except ConfigError:
+        raise
+    except Exception as e:   # the file is the user's code: e.g. a value of the wrong type
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"config file {path} failed: {first}") from e
+    if not isinstance(cfg, ConfigDict):
+        raise ConfigError(f"get_config() of {path} returned a {type(cfg).__name__}, not a "
+                          "ConfigDict; start from configs.base.get_config()")
+    return cfg
 
 
-def flat_items(cfg: ConfigDict, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, value) for every leaf of the config, in definition order."""
+def flat_items(cfg: ConfigDict | Mapping[str, Any], prefix: str = ""
+               ) -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) for every leaf of the config (or of a section, given its `prefix`,
+    e.g. "data."), in definition order."""
     for key, value in cfg.items():
-        if isinstance(value, ConfigDict):
+        if isinstance(value, (ConfigDict, Mapping)):
             yield from flat_items(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
+
+
+INT_LIMIT = 2**31 - 1   # sizes, steps and seeds end up in int32 arrays and shapes
+FLOAT_LIMIT = 3.4e38    # rates, scales and epsilons end up in float32 (its largest is ~3.4e38)
+
+
+def number_problem(key: str, value: Any) -> str | None:
+    """Why the value of a number key cannot work, whatever the key: a float that is nan, or
+    infinite in float32, or an integer beyond 32 bits. None for a fine number or a non-number."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT_LIMIT):
+        return f"{key}={value} must be a finite (float32) number"
+    if isinstance(value, int) and abs(value) > INT_LIMIT:
+        return f"{key}={value} is out of range: config integers must lie within +-{INT_LIMIT}"
+    return None
 
 
 def _parse(key: str, text: str, current: Any) -> Any:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from configs.loader import flat_items, number_problem
 from data import masking, mixture, span_corruption, tokenizer
 from data.cleaning import CleanConfig
 from errors import DataError
+
 
 def target_length(data_cfg: Mapping[str, Any], objective: str) -> int:
     """Decoder length S of the encoder-decoder objectives (data.target_len, or derived)."""
@@ -21,11 +23,23 @@ def target_length(data_cfg: Mapping[str, Any], objective: str) -> int:
     return configured or needed
 
 
+# Rows longer than this are no working setting (and make the span-corruption length search slow).
+MAX_SEQ_LEN = 1 << 24
+MAX_WORKERS = 1024
+
+
 def check(data_cfg: Mapping[str, Any], objective: str) -> None:
     """Raises DataError for the first data key (or pair of keys) that cannot work."""
+    for key, value in flat_items(data_cfg, "data."):
+        problem = number_problem(key, value)
+        if problem:
+            raise DataError(problem)
     mixture.sources(data_cfg)
-    CleanConfig.from_mapping(data_cfg["clean"])
-    masking.MaskConfig.from_mapping(data_cfg["mlm"])
+    if not data_cfg["text_field"]:
+        raise DataError("data.text_field must name the feature (or .jsonl key) holding the "
+                        "text, e.g. text")
+    _check_clean(data_cfg["clean"])
+    _check_mlm(data_cfg["mlm"])
     span_corruption.SpanConfig.from_mapping(data_cfg["spans"])
     for key in ("seq_len", "batch_size"):
         if data_cfg[key] <= 0:
@@ -38,21 +52,55 @@ def check(data_cfg: Mapping[str, Any], objective: str) -> None:
             raise DataError(f"data.{key} must be >= 1, got {data_cfg[key]}")
     if data_cfg["seq_len"] < 8:
         raise DataError(f"data.seq_len={data_cfg['seq_len']} is too short; use at least 8")
+    for key in ("seq_len", "target_len"):
+        if data_cfg[key] > MAX_SEQ_LEN:
+            raise DataError(f"data.{key}={data_cfg[key]} is beyond {MAX_SEQ_LEN} tokens a row; "
+                            "use a shorter length")
+    if data_cfg["worker_count"] > MAX_WORKERS:
+        raise DataError(f"data.worker_count={data_cfg['worker_count']} grain processes is more "
+                        f"than any host runs (at most {MAX_WORKERS}); 0 = in-process")
     if not 0 <= data_cfg["validation_percent"] < 100:
         raise DataError("data.validation_percent must be in [0, 100), got "
                         f"{data_cfg['validation_percent']}")
     for key in ("train_split", "eval_split"):
         if not data_cfg[key]:
             raise DataError(f"data.{key} must name a split, e.g. train or validation")
-    tok = data_cfg["tokenizer"]
-    if not tok["path"]:     # a tokenizer will be trained: its settings must work
-        try:
-            tokenizer.check_settings(tok["vocab_size"], tok["model_type"],
-                                     tok["character_coverage"])
-        except DataError as e:
-            raise DataError(f"data.{e}") from None
-        if tok["sample_chars"] <= 0:
-            raise DataError(f"data.tokenizer.sample_chars must be positive, got "
-                            f"{tok['sample_chars']}")
+    _check_tokenizer(data_cfg["tokenizer"])
     if objective in ("span_corruption", "prefix_lm"):
         target_length(data_cfg, objective)
+
+
+def _check_clean(clean: Mapping[str, Any]) -> None:
+    for key in ("min_chars", "max_chars"):
+        if clean[key] < 0:
+            raise DataError(f"data.clean.{key} must be >= 0 (max_chars: 0 = no limit), got "
+                            f"{clean[key]}")
+    CleanConfig.from_mapping(clean)
+
+
+def _check_mlm(mlm: Mapping[str, Any]) -> None:
+    for key in ("mask_fraction", "random_fraction"):
+        if not 0 <= mlm[key] <= 1:
+            raise DataError(f"data.mlm.{key} must be in [0, 1], got {mlm[key]}")
+    if mlm["mask_fraction"] + mlm["random_fraction"] > 1:
+        raise DataError(f"data.mlm.mask_fraction={mlm['mask_fraction']} and "
+                        f"data.mlm.random_fraction={mlm['random_fraction']} sum to more than 1 "
+                        "(they are shares of the selected tokens)")
+    masking.MaskConfig.from_mapping(mlm)
+
+
+def _check_tokenizer(tok: Mapping[str, Any]) -> None:
+    """The settings of training a tokenizer, checked even when data.tokenizer.path names one,
+    so a wrong value never waits for the run that trains."""
+    if tok["model_type"] not in tokenizer.MODEL_TYPES:
+        raise DataError(f"data.tokenizer.model_type={tok['model_type']!r}: choose one of "
+                        f"{tokenizer.MODEL_TYPES}")
+    if not 0.9 <= tok["character_coverage"] <= 1.0:
+        raise DataError(f"data.tokenizer.character_coverage={tok['character_coverage']} must be "
+                        "in [0.9, 1] (1.0 for CJK)")
+    try:   # what remains for check_settings to refuse is the size
+        tokenizer.check_settings(tok["vocab_size"], tok["model_type"], tok["character_coverage"])
+    except DataError as e:
+        raise DataError(f"data.tokenizer.vocab_size={tok['vocab_size']}: {e}") from None
+    if tok["sample_chars"] <= 0:
+        raise DataError(f"data.tokenizer.sample_chars must be positive, got {tok['sample_chars']}")

@@ -15,11 +15,11 @@ from typing import Any, Callable, Mapping
 import grain
 import numpy as np
 
+from configs.base import get_config as base_config
 from data import packing, sentence_pairs
 from data.packing import Doc, Example
-from configs.base import get_config as base_config
-from errors import DataError
 from data.tokenizer import CLS, MASK, NEWLINE, SEP, Tokenizer
+from errors import DataError
 
 PAIR_MODES = ("none", "nsp", "sop")
 

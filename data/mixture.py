@@ -8,6 +8,7 @@ is as deterministic (and resumable) as one source: document k of the mixture is 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Sequence
 
 import grain
@@ -41,8 +42,9 @@ def parse_spec(spec: str, weight: float, text_field: str) -> Source:
     if kind != "python_stdlib" and not arg:
         raise DataError(f"data.mixture source {spec!r} needs a "
                         f"{'glob' if kind == 'text_files' else 'dataset name'} after '{kind}:'")
-    if not weight > 0:
-        raise DataError(f"data.mixture weight of {spec!r} must be positive, got {weight}")
+    if not (weight > 0 and math.isfinite(weight)):
+        raise DataError(f"data.mixture weight of {spec!r} must be positive and finite, got "
+                        f"{weight}")
     return Source(kind=kind, paths=(arg,) if kind == "text_files" else (),
                   tfds_name=arg if kind == "tfds" else "", text_field=text_field,
                   weight=float(weight))
@@ -50,22 +52,26 @@ def parse_spec(spec: str, weight: float, text_field: str) -> Source:
 
 def sources(data_cfg: Mapping[str, Any]) -> list[Source]:
     """The sources of a `data` section: its mixture, or its single source."""
-    mixture = data_cfg["mixture"]
+    mixture, paths = data_cfg["mixture"], data_cfg["paths"]
+    if not all(isinstance(p, str) and p for p in paths):
+        raise DataError(f"data.paths={tuple(paths)!r}: each entry is a glob of text files, "
+                        "e.g. --config.data.paths='docs/*.txt,notes/*.md'")
     if not mixture:
         if data_cfg["source"] not in KINDS:
             raise DataError(f"data.source={data_cfg['source']!r}: choose one of {KINDS}")
-        if data_cfg["source"] == "text_files" and not data_cfg["paths"]:
+        if data_cfg["source"] == "text_files" and not paths:
             raise DataError("data.source=text_files needs data.paths (globs of text files), "
                             "e.g. --config.data.paths='docs/*.txt'")
         if data_cfg["source"] == "tfds" and not data_cfg["tfds_name"]:
             raise DataError("data.source=tfds needs data.tfds_name, e.g. "
                             "--config.data.tfds_name=lm1b (or c4/en:3.1.0)")
-        return [Source(kind=data_cfg["source"], paths=tuple(data_cfg["paths"]),
+        return [Source(kind=data_cfg["source"], paths=tuple(paths),
                        tfds_name=data_cfg["tfds_name"], text_field=data_cfg["text_field"])]
     parsed = []
     for entry in mixture:
         if not (isinstance(entry, (tuple, list)) and len(entry) == 2
-                and isinstance(entry[0], str) and isinstance(entry[1], (int, float))):
+                and isinstance(entry[0], str) and isinstance(entry[1], (int, float))
+                and not isinstance(entry[1], bool)):
             raise DataError(f"data.mixture entry {entry!r}: use (spec, weight), e.g. "
                             "(('tfds:lm1b', 0.7), ('text_files:docs/*.txt', 0.3))")
         parsed.append(parse_spec(entry[0], entry[1], data_cfg["text_field"]))

@@ -16,10 +16,10 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from absl import flags
 import grain
 import jax
 import numpy as np
+from absl import flags
 from jax.sharding import NamedSharding
 
 from data import builder as builder_lib
@@ -29,8 +29,8 @@ from data import tokenizer as tokenizer_lib
 from data.cleaning import CleanConfig
 from data.interleave import InterleaveExamples
 from data.packing import Doc
-from errors import DataError
 from data.tokenizer import Tokenizer
+from errors import DataError
 
 log = logging.getLogger(__name__)
 

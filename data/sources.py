@@ -13,6 +13,7 @@ import sys
 import sysconfig
 from pathlib import Path
 from typing import Iterator, Sequence
+
 from errors import DataError
 
 Document = tuple[str, str]
@@ -20,8 +21,6 @@ Document = tuple[str, str]
 # Standard-library folders that are data tables, vendored copies or tests rather than prose/code.
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "encodings",
                 "ensurepip", "lib2to3", "pydoc_data", "__pycache__", "turtledemo"}
-
-
 
 
 def stdlib_dir() -> Path:

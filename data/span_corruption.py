@@ -16,11 +16,11 @@ from typing import Any, Mapping
 import grain
 import numpy as np
 
+from configs.base import get_config as base_config
 from data import packing
 from data.packing import Doc, Example
-from configs.base import get_config as base_config
-from errors import DataError
 from data.tokenizer import BOS, EOS, NUM_SENTINELS, Tokenizer
+from errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from configs.base import get_config as base_config
+from configs.loader import number_problem
 from errors import ModelConfigError
 
 # decoder: causal LM; encoder: BERT-style bidirectional LM with MLM and sentence-pair heads;
@@ -56,6 +57,10 @@ class ModelConfig:
     generator_scale: float  # electra: generator width / discriminator width
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):
+            problem = number_problem(f"model.{field.name}", getattr(self, field.name))
+            if problem:
+                raise ModelConfigError(problem)
         if self.family not in FAMILIES:
             raise ModelConfigError(f"model.family={self.family!r}: choose one of {FAMILIES}")
         for key, allowed in CHOICES.items():
@@ -64,6 +69,14 @@ class ModelConfig:
                     f"model.{key}={getattr(self, key)!r}: choose one of {allowed}")
         for key in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_len"):
             if getattr(self, key) <= 0:
+                raise ModelConfigError(f"model.{key} must be positive, got {getattr(self, key)}")
+        for key, zero in (("n_kv_heads", "n_heads"), ("head_dim", "d_model // n_heads"),
+                          ("type_vocab_size", "none"), ("n_decoder_layers", "n_layers")):
+            if getattr(self, key) < 0:
+                raise ModelConfigError(f"model.{key} must be >= 0 (0 = {zero}), got "
+                                       f"{getattr(self, key)}")
+        for key in ("norm_eps", "rope_theta", "init_std"):
+            if not getattr(self, key) > 0:
                 raise ModelConfigError(f"model.{key} must be positive, got {getattr(self, key)}")
         if self.n_heads % self.kv_heads:
             raise ModelConfigError(
@@ -74,18 +87,21 @@ class ModelConfig:
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads};"
                 " set model.head_dim explicitly")
         if self.pos == "rope" and self.head_size % 2:
-            raise ModelConfigError(f"RoPE needs an even head size, got {self.head_size}")
+            size = (f"model.head_dim={self.head_dim}" if self.head_dim else
+                    f"model.d_model // model.n_heads = {self.head_size}")
+            raise ModelConfigError(f"model.pos='rope' needs an even head size, but {size} is odd;"
+                                   " set an even model.head_dim (or another model.pos)")
         if not 0.0 <= self.dropout < 1.0:
             raise ModelConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        for key in ("type_vocab_size", "n_decoder_layers"):
-            if getattr(self, key) < 0:
-                raise ModelConfigError(f"model.{key} must be >= 0, got {getattr(self, key)}")
+        if not 0.0 < self.generator_scale <= 1.0:
+            raise ModelConfigError(f"model.generator_scale must be in (0, 1], got "
+                                   f"{self.generator_scale}")
         if self.post_norm and self.family not in ("encoder", "electra"):
             raise ModelConfigError(
                 f"model.post_norm=True is for the encoder and electra families (BERT-style "
                 f"blocks), not model.family={self.family!r}; set model.post_norm=False")
         if self.family == "electra":
-            self.generator_config()  # validates model.generator_scale
+            self.generator_config()  # the scaled generator must be a valid model too
 
     @property
     def decoder_layers(self) -> int:
@@ -95,9 +111,7 @@ class ModelConfig:
     def generator_config(self) -> "ModelConfig":
         """ELECTRA's generator: the discriminator's config with d_model, heads and d_ff scaled by
         `generator_scale` (head size kept, as in the paper's code); it shares the embeddings."""
-        scale = self.generator_scale
-        if not 0.0 < scale <= 1.0:
-            raise ModelConfigError(f"model.generator_scale must be in (0, 1], got {scale}")
+        scale = self.generator_scale   # in (0, 1]: __post_init__ checked it
         heads = max(1, round(self.n_heads * scale))
         kv_heads = max(1, round(self.kv_heads * scale)) if self.n_kv_heads else 0
         try:

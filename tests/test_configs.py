@@ -7,10 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from train import families
 from configs.base import HELP, get_config
 from configs.loader import flat_items, load
 from model.sharding import activate
+from train import families
 from train import state as state_lib
 from train.config import validate
 from train.setup import build

@@ -8,8 +8,8 @@ import pytest
 
 from data import builder, mixture, pipeline
 from data.packing import document_pieces
-from errors import DataError
 from data.tokenizer import BOS, EOS, Tokenizer
+from errors import DataError
 
 
 def test_pieces_pair_every_input_with_its_next_token():

@@ -9,8 +9,8 @@ import pytest
 
 from data import config as data_config, masking, pipeline, sentence_pairs, span_corruption
 from data.packing import Doc
-from errors import DataError
 from data.tokenizer import CLS, MASK, SEP, Tokenizer
+from errors import DataError
 
 INT, FLOAT = np.int32, np.float32
 MLM_LAYOUT = {"inputs": INT, "targets": INT, "positions": INT, "segment_ids": INT,

@@ -10,8 +10,8 @@ import tensorflow_datasets as tfds
 
 from data import builder, cleaning, config as data_config, mixture, pipeline
 from data.cleaning import CleanConfig
-from errors import DataError
 from data.tokenizer import Tokenizer
+from errors import DataError
 
 
 def _paragraphs():

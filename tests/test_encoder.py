@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import ModelConfig
-from train.families import build
 from errors import ModelConfigError
+from model import ModelConfig
 from model.sharding import unboxed
+from train.families import build
 
 # Unrolled layers: an eager nn.scan recompiles on every call, which would dominate these tests.
 BASE = ModelConfig.create(family="encoder", vocab_size=97, d_model=32, n_heads=4, n_kv_heads=2,

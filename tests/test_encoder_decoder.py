@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train import families
 from model import ModelConfig
-from train.families import build
 from model.encoder_decoder import init_cache
 from model.sharding import unboxed
+from train import families
+from train.families import build
 
 # Unrolled layers: an eager nn.scan recompiles on every call, which would dominate these tests.
 BASE = ModelConfig.create(family="encoder_decoder", vocab_size=97, d_model=32, n_heads=4, n_kv_heads=2,

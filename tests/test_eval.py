@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
 
+from conftest import tiny_config
 from data import builder, pipeline
 from data.tokenizer import BOS, EOS
 from errors import ConfigError, DataError
@@ -145,6 +145,20 @@ def _choice_items(documents, n=6):
     return items, shuffled
 
 
+def check_accuracies(record, loglik, tokens, n_bytes, labels):
+    """The record's three accuracies from per-item log-likelihoods, token and byte counts;
+    returns the indices of the labelled items."""
+    labelled = [i for i, label in enumerate(labels) if label is not None]
+
+    def accuracy(norm):
+        return np.mean([np.argmax(loglik[i] / norm[i]) == labels[i] for i in labelled])
+
+    assert record["accuracy"] == pytest.approx(accuracy([1] * len(labels)))
+    assert record["accuracy_per_token"] == pytest.approx(accuracy(tokens))
+    assert record["accuracy_per_byte"] == pytest.approx(accuracy(n_bytes))
+    return labelled
+
+
 def test_multiple_choice_scoring_matches_full_forward_passes(run_dir, on_one_device, tmp_path):
     config = on_one_device.config
     texts = list(pipeline.documents(config.data, "train"))
@@ -169,14 +183,7 @@ def test_multiple_choice_scoring_matches_full_forward_passes(run_dir, on_one_dev
         tokens.append(np.array([r[1] for r in row]))
         n_bytes.append(np.array([r[2] for r in row]))
         labels.append(item.get("label"))
-    labelled = [i for i, label in enumerate(labels) if label is not None]
-
-    def accuracy(norm):
-        return np.mean([np.argmax(loglik[i] / norm[i]) == labels[i] for i in labelled])
-
-    assert record["accuracy"] == pytest.approx(accuracy([1] * len(items)))
-    assert record["accuracy_per_token"] == pytest.approx(accuracy(tokens))
-    assert record["accuracy_per_byte"] == pytest.approx(accuracy(n_bytes))
+    labelled = check_accuracies(record, loglik, tokens, n_bytes, labels)
     chosen = [ll[label or 0] for ll, label in zip(loglik, labels)]
     assert record["loglik"] == pytest.approx(np.mean(chosen), rel=1e-4)
     # the trained text beats its own characters shuffled (same bytes, rarer pieces)
@@ -250,14 +257,7 @@ def test_encoder_decoder_scoring_matches_full_forward_passes(seq2seq_run, tmp_pa
         np.testing.assert_allclose(s.loglik, ll, rtol=1e-4)
         np.testing.assert_array_equal(s.tokens, t)
         np.testing.assert_array_equal(s.bytes, b)
-    labelled = [i for i, label in enumerate(labels) if label is not None]
-
-    def accuracy(norm):
-        return np.mean([np.argmax(loglik[i] / norm[i]) == labels[i] for i in labelled])
-
-    assert record["accuracy"] == pytest.approx(accuracy([1] * len(items)))
-    assert record["accuracy_per_token"] == pytest.approx(accuracy(tokens))
-    assert record["accuracy_per_byte"] == pytest.approx(accuracy(n_bytes))
+    labelled = check_accuracies(record, loglik, tokens, n_bytes, labels)
     chosen = [label or 0 for label in labels]
     chosen_ll = [ll[c] for ll, c in zip(loglik, chosen)]
     assert record["loglik"] == pytest.approx(np.mean(chosen_ll), rel=1e-4)

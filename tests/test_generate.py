@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 
 from configs.base import DEFAULT_RULES
+from errors import ConfigError
 from model import ModelConfig
-from train.families import build
 from model.sharding import activate, logical_shardings, make_mesh, rules_from_config, unboxed
 from train.decoding import beam
-from errors import ConfigError
 from train.decoding.generate import stepper_for
-from train.decoding.steppers import CachedDecoder, Recompute
 from train.decoding.generate import generate, left_pad
 from train.decoding.options import Options
 from train.decoding.sampling import filter_logits
+from train.decoding.steppers import CachedDecoder, Recompute
+from train.families import build
 
 # init_std 1 makes a random model's predictions varied and confident, so searches differ
 CFG = ModelConfig.create(vocab_size=61, d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, d_ff=48,

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import ModelConfig
-from train.families import build
 from errors import ModelConfigError
+from model import ModelConfig
 from model.sharding import unboxed
 from train.decoding import generate
+from train.families import build
 
 BASE = ModelConfig.create(vocab_size=97, d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, d_ff=48,
                    max_len=32, dtype="float32")

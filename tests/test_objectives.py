@@ -10,12 +10,12 @@ import optax
 import pytest
 
 from configs.base import get_config
+from errors import ConfigError
 from model.sharding import activate, unboxed
 from train import objectives, state as state_lib, synthetic
-from train.config import validate
 from train import families
+from train.config import validate
 from train.families import OBJECTIVES
-from errors import ConfigError
 from train.setup import build
 
 NEW = ["mlm", "electra", "span_corruption", "prefix_lm"]

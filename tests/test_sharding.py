@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from model.sharding import activate, make_mesh, mesh_shape
 from errors import MeshError
+from model.sharding import activate, make_mesh, mesh_shape
+from train import state as state_lib
 from train.families import synthetic_batch
 from train.setup import build
-from train import state as state_lib
 
 
 def test_mesh_fill_and_errors():

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from data import pipeline, tokenizer as tokenizer_lib
-from errors import DataError
 from data.tokenizer import Tokenizer
+from errors import DataError
 from errors import CheckpointError
 from train.loop import train
 from train.restore import restore

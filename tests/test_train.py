@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs.loader import apply_overrides, load
 from errors import DataError
 from errors import MeshError
-from train.checkpoint import Checkpointer
-from configs.loader import apply_overrides, load
 from errors import ConfigError
+from train.checkpoint import Checkpointer
 from train.loop import read_metrics, train
 from train.state import TrainState
 

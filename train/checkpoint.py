@@ -16,12 +16,10 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
 from configs.base import get_config as base_config
-from train.state import TrainState
 from errors import CheckpointError
+from train.state import TrainState
 
 EVAL_METRIC = "eval_loss"
-
-
 
 
 def directory(workdir: str | os.PathLike) -> Path:

@@ -5,15 +5,16 @@ each key's default and meaning are stated once, in configs/base.py.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
 from ml_collections import ConfigDict
 
 from configs.base import HELP
-from configs.loader import flat_items
+from configs.loader import flat_items, number_problem
 from data import config as data_config
-from errors import ConfigError
+from errors import ConfigError, MeshError
 from model.config import ModelConfig
 from model.sharding import MESH_AXES, mesh_shape, rules_from_config
 from train import families
@@ -21,9 +22,9 @@ from train import families
 SCHEDULES = ("cosine", "linear", "constant")
 
 
-def _check(ok: bool, message: str) -> None:
+def _check(ok: bool, message: str, error: type[ConfigError] = ConfigError) -> None:
     if not ok:
-        raise ConfigError(message)
+        raise error(message)
 
 
 def validate(cfg: ConfigDict, devices: Sequence[jax.Device] | None = None) -> None:
@@ -31,8 +32,13 @@ def validate(cfg: ConfigDict, devices: Sequence[jax.Device] | None = None) -> No
     compiles. `devices` (default: all) are the ones the mesh will span."""
     unknown = [k for k, _ in flat_items(cfg) if k not in HELP]
     _check(not unknown, f"unknown config keys {unknown}; every key must be one of configs/base.py")
+    for key, value in flat_items(cfg):
+        problem = number_problem(key, value)
+        _check(problem is None, problem or "")
     data, opt, train = cfg.data, cfg.opt, cfg.train
     objective = families.objective(train.objective)
+    _check(cfg.model.vocab_size >= 0, f"model.vocab_size must be >= 0 (0 = the tokenizer's "
+           f"size), got {cfg.model.vocab_size}")
     model = ModelConfig.from_mapping(cfg.model, vocab_size=cfg.model.vocab_size or 1)
     family = families.family(model)
     _check(model.family == objective.family,
@@ -41,11 +47,11 @@ def validate(cfg: ConfigDict, devices: Sequence[jax.Device] | None = None) -> No
            f"{objective.family}, or an objective for {model.family!r} models: "
            f"{', '.join(families.objectives_of(model.family))}")
     data_config.check(data, train.objective)
-    _check(cfg.model.vocab_size >= 0, f"model.vocab_size must be >= 0 (0 = the tokenizer's "
-           f"size), got {cfg.model.vocab_size}")
-    _check(data.seq_len <= model.max_len or model.pos == "rope",
-           f"data.seq_len={data.seq_len} exceeds model.max_len={model.max_len}, the longest "
-           f"sequence {model.pos} positions support")
+    _check_lengths(cfg, model)
+    _check(train.objective != "mlm" or data.mlm.sentence_pairs == "none"
+           or model.type_vocab_size != 1,
+           f"data.mlm.sentence_pairs={data.mlm.sentence_pairs!r} marks sentence B with token "
+           "type 1, but model.type_vocab_size=1 has only type 0; set it to 2 (or 0 = no types)")
     _check(opt.schedule in SCHEDULES, f"opt.schedule={opt.schedule!r}: choose one of {SCHEDULES}")
     _check(opt.lr > 0, f"opt.lr must be positive, got {opt.lr}")
     _check(opt.grad_accum >= 1, f"opt.grad_accum must be >= 1, got {opt.grad_accum}")
@@ -55,8 +61,8 @@ def validate(cfg: ConfigDict, devices: Sequence[jax.Device] | None = None) -> No
     _check(0 <= opt.warmup_steps, f"opt.warmup_steps must be >= 0, got {opt.warmup_steps}")
     _check(0 <= opt.min_lr_ratio <= 1, f"opt.min_lr_ratio must be in [0, 1], got "
            f"{opt.min_lr_ratio}")
-    _check(0 <= opt.b1 < 1 and 0 <= opt.b2 < 1, f"opt.b1 and opt.b2 must be in [0, 1), got "
-           f"{opt.b1} and {opt.b2}")
+    for key in ("b1", "b2"):
+        _check(0 <= opt[key] < 1, f"opt.{key} must be in [0, 1), got {opt[key]}")
     _check(opt.eps > 0, f"opt.eps must be positive, got {opt.eps}")
     _check(opt.weight_decay >= 0, f"opt.weight_decay must be >= 0, got {opt.weight_decay}")
     _check(opt.clip_norm >= 0, f"opt.clip_norm must be >= 0 (0 = off), got {opt.clip_norm}")
@@ -83,18 +89,61 @@ def validate(cfg: ConfigDict, devices: Sequence[jax.Device] | None = None) -> No
     _check_mesh(cfg, devices)
 
 
+def _check_lengths(cfg: ConfigDict, model: ModelConfig) -> None:
+    """Every sequence the run feeds the model fits its positions (RoPE has no table)."""
+    data, objective = cfg.data, cfg.train.objective
+    if model.pos == "rope":
+        return
+    _check(data.seq_len <= model.max_len,
+           f"data.seq_len={data.seq_len} exceeds model.max_len={model.max_len}, the longest "
+           f"sequence {model.pos} positions support")
+    if objective in ("span_corruption", "prefix_lm"):
+        target = data_config.target_length(data, objective)
+        _check(target <= model.max_len,
+               f"the decoder length {target} (data.target_len, 0 = derived from data.seq_len) "
+               f"exceeds model.max_len={model.max_len}, the most {model.pos} positions encode; "
+               "raise model.max_len or lower data.target_len")
+    if cfg.eval.sample_prompt and families.family(model).prompting == "encode":
+        _check(cfg.eval.sample_tokens <= model.max_len,
+               f"eval.sample_tokens={cfg.eval.sample_tokens} exceeds model.max_len="
+               f"{model.max_len}, the most tokens a {model.family} model with {model.pos} "
+               "positions decodes; lower eval.sample_tokens or raise model.max_len")
+
+
 def _check_mesh(cfg: ConfigDict, devices: Sequence[jax.Device] | None) -> None:
-    """The mesh fits the devices and the batch: the micro-batch splits over data*fsdp."""
-    rules = dict(rules_from_config(cfg.mesh.rules))
+    """Each mesh axis key is a size or -1 and together they fit the devices; mesh.rules is a
+    table of (logical name, mesh axes) pairs; the micro-batch splits over the batch's axes."""
     n_devices = len(jax.devices() if devices is None else devices)
+    axes = {f"mesh.{a}": cfg.mesh[a] for a in MESH_AXES}
+    shown = ", ".join(f"{k}={v}" for k, v in axes.items())
+    for key, size in axes.items():
+        _check(size == -1 or size >= 1, f"{key}={size}: a mesh axis size is positive, or -1 to "
+               "take the remaining devices", MeshError)
+    fill = [k for k, v in axes.items() if v == -1]
+    _check(len(fill) <= 1, f"{' and '.join(fill)} are each -1; only one mesh axis may take the "
+           "remaining devices", MeshError)
+    fixed = math.prod(v for v in axes.values() if v != -1)
+    if fill:
+        _check(n_devices % fixed == 0, f"{shown}: the {n_devices} devices do not divide by the "
+               f"fixed axes' product {fixed}; choose sizes whose product divides {n_devices}",
+               MeshError)
+    else:
+        _check(fixed == n_devices, f"{shown} needs {fixed} devices but {n_devices} are present; "
+               f"make the product {n_devices}, or set one axis to -1", MeshError)
     sizes = dict(zip(MESH_AXES, mesh_shape(cfg.mesh, n_devices)))
+    for rule in cfg.mesh.rules:
+        _check(isinstance(rule, (tuple, list)), f"mesh.rules entries are (logical_name, "
+               f"mesh_axes) pairs, got {rule!r}", MeshError)
+    rules = dict(rules_from_config(cfg.mesh.rules))
+    for name, mapped in rules.items():
+        named = [a for a in (mapped if isinstance(mapped, tuple) else (mapped,)) if a]
+        _check(len(set(named)) == len(named), f"mesh.rules: {name!r} maps to {mapped!r}, which "
+               "names a mesh axis twice", MeshError)
     batch_axes = rules.get("batch", ("data", "fsdp"))
     batch_axes = batch_axes if isinstance(batch_axes, tuple) else (batch_axes,)
-    divisor = 1
-    for axis in batch_axes:
-        divisor *= sizes[axis] if axis is not None else 1
+    divisor = math.prod(sizes[axis] for axis in batch_axes if axis is not None)
     micro = cfg.data.batch_size // cfg.opt.grad_accum
     _check(micro % divisor == 0,
            f"the micro-batch of {micro} rows (data.batch_size / opt.grad_accum) does not split "
-           f"over the {divisor} data-parallel devices (mesh data*fsdp); use a multiple of "
-           f"{divisor}")
+           f"over the {divisor} devices of the batch's mesh axes {batch_axes} (the 'batch' "
+           f"entry of mesh.rules); use a multiple of {divisor}", MeshError)

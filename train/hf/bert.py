@@ -14,8 +14,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from data.tokenizer import PAD
-from model.config import ModelConfig
 from errors import ConversionError, ModelConfigError
+from model.config import ModelConfig
 from train.hf.layout import Layout, Tensor, flat, linear, require, require_plain_heads, same, \
     unsupported
 

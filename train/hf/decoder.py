@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from data.tokenizer import BOS, EOS, PAD
-from model.config import ModelConfig
 from errors import ConversionError
+from model.config import ModelConfig
 from train.hf.layout import Layout, Tensor, columns, linear, require, require_plain_heads, \
     same, unstacked, unsupported
 

@@ -17,8 +17,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from flax import traverse_util
 
-from model.config import ModelConfig
 from errors import CheckpointError, ConversionError, ModelConfigError
+from model.config import ModelConfig
 
 Shape = tuple[int, ...]
 Arrays = list[np.ndarray]

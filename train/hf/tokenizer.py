@@ -33,8 +33,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from errors import DataError
 from data.tokenizer import BOS, EOS, MODEL_FILE, PAD, UNK, Tokenizer
+from errors import DataError
 from errors import CheckpointError, ConversionError, DependencyError
 
 TOKENIZER_JSON = "tokenizer.json"
