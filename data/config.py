@@ -11,8 +11,11 @@ from errors import DataError
 
 
 def target_length(data_cfg: Mapping[str, Any], objective: str) -> int:
-    """Decoder length S of the encoder-decoder objectives (data.target_len, or derived)."""
+    """Decoder length S of the rows of an encoder-decoder objective (data.target_len, or
+    derived); 0 for the objectives whose rows have no decoder side."""
     seq_len, configured = data_cfg["seq_len"], data_cfg["target_len"]
+    if objective not in ("span_corruption", "prefix_lm"):
+        return 0
     if objective == "prefix_lm":
         return configured or seq_len
     _, needed = span_corruption.chunk_and_target_lengths(
@@ -66,8 +69,7 @@ def check(data_cfg: Mapping[str, Any], objective: str) -> None:
         if not data_cfg[key]:
             raise DataError(f"data.{key} must name a split, e.g. train or validation")
     _check_tokenizer(data_cfg["tokenizer"])
-    if objective in ("span_corruption", "prefix_lm"):
-        target_length(data_cfg, objective)
+    target_length(data_cfg, objective)
 
 
 def _check_clean(clean: Mapping[str, Any]) -> None:

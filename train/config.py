@@ -97,8 +97,8 @@ def _check_lengths(cfg: ConfigDict, model: ModelConfig) -> None:
     _check(data.seq_len <= model.max_len,
            f"data.seq_len={data.seq_len} exceeds model.max_len={model.max_len}, the longest "
            f"sequence {model.pos} positions support")
-    if objective in ("span_corruption", "prefix_lm"):
-        target = data_config.target_length(data, objective)
+    target = data_config.target_length(data, objective)
+    if target:
         _check(target <= model.max_len,
                f"the decoder length {target} (data.target_len, 0 = derived from data.seq_len) "
                f"exceeds model.max_len={model.max_len}, the most {model.pos} positions encode; "
