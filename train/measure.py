@@ -109,8 +109,10 @@ def compare(config: ConfigDict, steps: int, reference_path: str, preset: str,
     loom, reference = [], []
     for _ in range(rounds):
         loom.append(measure(ConfigDict(config.to_dict()), steps)["tok_per_s"])
-        reference.append(ref.measure(preset, impl, False, steps, batch, peak)["tok_per_s"])
-    summary = dict(summary=preset, rounds=rounds, loom_tok_per_s=statistics.median(loom),
+        reference.append(ref.measure(preset, impl, False, steps, batch, peak,
+                                     dtype=config.model.dtype)["tok_per_s"])
+    summary = dict(summary=preset, dtype=config.model.dtype, rounds=rounds,
+                   loom_tok_per_s=statistics.median(loom),
                    reference_tok_per_s=statistics.median(reference),
                    ratio=round(statistics.median(loom) / statistics.median(reference), 3))
     print(json.dumps(summary), flush=True)
