@@ -126,7 +126,7 @@ def prepare(source: Source, data_cfg: Mapping[str, Any]) -> tfds.core.DatasetBui
             builder.download_and_prepare()
         except AssertionError as e:   # tfds refuses to write a split without examples
             raise DataError(f"{source.name}: {e}; the corpus needs more documents, or a "
-                            "different data.validation_percent") from None
+                            "different data.validation_percent") from e
     for split in SPLITS:
         if builder.info.splits[split].num_examples == 0:
             raise DataError(

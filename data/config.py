@@ -103,6 +103,6 @@ def _check_tokenizer(tok: Mapping[str, Any]) -> None:
     try:   # what remains for check_settings to refuse is the size
         tokenizer.check_settings(tok["vocab_size"], tok["model_type"], tok["character_coverage"])
     except DataError as e:
-        raise DataError(f"data.tokenizer.vocab_size={tok['vocab_size']}: {e}") from None
+        raise DataError(f"data.tokenizer.vocab_size={tok['vocab_size']}: {e}") from e
     if tok["sample_chars"] <= 0:
         raise DataError(f"data.tokenizer.sample_chars must be positive, got {tok['sample_chars']}")

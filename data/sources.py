@@ -76,7 +76,7 @@ def text_files(patterns: Sequence[str], text_field: str = "text") -> Iterator[Do
         try:
             text = Path(name).read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise _not_utf8(name, e) from None
+            raise _not_utf8(name, e) from e
         yield name, text
 
 
@@ -92,13 +92,13 @@ def _jsonl(name: str, text_field: str) -> Iterator[Document]:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise DataError(f"{name}:{i} is not valid UTF-8 ({e.reason} at byte {e.start} "
-                                "of the line); re-encode the file") from None
+                                "of the line); re-encode the file") from e
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{name}:{i} is not valid JSON ({e.msg})") from None
+                raise DataError(f"{name}:{i} is not valid JSON ({e.msg})") from e
             if not isinstance(record, dict) or text_field not in record:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise DataError(f"{name}:{i} has no field {text_field!r} (data.text_field); "

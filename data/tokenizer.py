@@ -50,9 +50,9 @@ class Tokenizer:
         sp = spm.SentencePieceProcessor()
         try:
             sp.LoadFromSerializedProto(proto)
-        except Exception:
+        except Exception as e:   # sentencepiece's C++ errors arrive as assorted types
             raise DataError(f"{source} is not a sentencepiece model; point data.tokenizer.path at "
-                            "a .model file, or leave it empty to train one") from None
+                            "a .model file, or leave it empty to train one") from e
         return sp
 
     @classmethod
@@ -229,7 +229,7 @@ def train(texts: Iterable[str], *, vocab_size: int, model_type: str = DEFAULTS.m
             max_sentence_length=max_line, hard_vocab_limit=False, minloglevel=2,
             num_threads=num_threads or min(16, os.cpu_count() or 1))
     except RuntimeError as e:
-        raise DataError(f"training the tokenizer failed: {e}") from None
+        raise DataError(f"training the tokenizer failed: {e}") from e
     return Tokenizer(writer.getvalue(), f"<trained: {model_type}, {vocab_size}>")
 
 
@@ -252,7 +252,7 @@ def input_texts(spec: str, *, text_field: str = "text", data_dir: str | None = N
         try:
             docs = builder.tfds_texts(spec, split, text_field, data_dir, seed)
         except DataError as e:
-            raise DataError(f"--input {spec!r} matches no files; as a tfds dataset: {e}") from None
+            raise DataError(f"--input {spec!r} matches no files; as a tfds dataset: {e}") from e
     return (t for t in map(clean.text, docs) if t.strip())
 
 

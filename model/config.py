@@ -122,7 +122,7 @@ class ModelConfig:
             raise ModelConfigError(
                 f"model.generator_scale={scale} gives an invalid ELECTRA generator (d_model="
                 f"{round(self.d_model * scale)}, n_heads={heads}, n_kv_heads={kv_heads}): {e}; "
-                "choose a scale that keeps d_model divisible by the heads") from None
+                "choose a scale that keeps d_model divisible by the heads") from e
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], **overrides: Any) -> "ModelConfig":

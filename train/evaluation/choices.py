@@ -79,7 +79,7 @@ def _item(line: str, where: str) -> Item:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
-        raise DataError(f"{where} is not valid JSON ({e.msg})") from None
+        raise DataError(f"{where} is not valid JSON ({e.msg})") from e
     if not isinstance(record, dict) or not isinstance(record.get("context"), str):
         raise DataError(f"{where} needs a \"context\" string (with \"continuations\" and "
                         "\"label\", or one \"continuation\")")

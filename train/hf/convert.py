@@ -118,7 +118,7 @@ def read_hf_config(hf_dir: Path) -> tuple[dict[str, Any], Layout]:
     try:
         hf_config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from e
     by_type = {layout.model_type: layout for layout in LAYOUTS.values()}
     model_type = hf_config.get("model_type") if isinstance(hf_config, dict) else None
     if model_type not in by_type:
@@ -144,7 +144,7 @@ def read_hf_tensors(hf_dir: Path, layout: Layout) -> dict[str, Callable[[], np.n
             keys = list(handle.keys())
         except Exception as e:  # the library raises its own error types for a corrupt file
             raise CheckpointError(f"{hf_dir / name} is not a readable safetensors file "
-                                  f"({type(e).__name__}: {e})") from None
+                                  f"({type(e).__name__}: {e})") from e
         loaders.update({layout.canonical(k): (lambda h=handle, k=k: h.get_tensor(k))
                         for k in keys})
     return loaders
