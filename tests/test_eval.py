@@ -257,7 +257,7 @@ def test_encoder_decoder_scoring_matches_full_forward_passes(seq2seq_run, tmp_pa
         np.testing.assert_allclose(s.loglik, ll, rtol=1e-4)
         np.testing.assert_array_equal(s.tokens, t)
         np.testing.assert_array_equal(s.bytes, b)
-    labelled = check_accuracies(record, loglik, tokens, n_bytes, labels)
+    check_accuracies(record, loglik, tokens, n_bytes, labels)
     chosen = [label or 0 for label in labels]
     chosen_ll = [ll[c] for ll, c in zip(loglik, chosen)]
     assert record["loglik"] == pytest.approx(np.mean(chosen_ll), rel=1e-4)

@@ -7,7 +7,6 @@ import math
 import jax
 import pytest
 
-from train import eval as eval_cli
 from train import generate as generate_cli
 from train.evaluation import evaluate as evaluation
 from train.families import OBJECTIVES

@@ -43,7 +43,7 @@ def _sample(setup: Setup, params: Any, tokenizer: Tokenizer) -> str | None:
     if not cfg.sample_prompt:   # validate() allows one only for the generative families
         return None
     options = Options("sample" if cfg.sample_temperature > 0 else "greedy",
-                               temperature=cfg.sample_temperature, top_k=40)
+                      temperature=cfg.sample_temperature, top_k=40)
     with activate(setup.mesh, setup.rules):
         new = generate.generate_text(setup.model_cfg, params, tokenizer, [cfg.sample_prompt],
                                      max_new_tokens=cfg.sample_tokens, options=options,
