@@ -56,8 +56,10 @@ class CleanConfig:
         if cfg.normalize not in NORMAL_FORMS:
             raise DataError(f"data.clean.normalize={cfg.normalize!r}: choose one of "
                             f"{NORMAL_FORMS} ('' = leave the text as it is)")
-        if cfg.min_chars < 0 or cfg.max_chars < 0:
-            raise DataError("data.clean.min_chars and max_chars must be >= 0 (0 = no limit)")
+        for key in ("min_chars", "max_chars"):
+            if getattr(cfg, key) < 0:
+                raise DataError(f"data.clean.{key} must be >= 0 (max_chars: 0 = no limit), got "
+                                f"{getattr(cfg, key)}")
         if cfg.max_chars and cfg.max_chars < cfg.min_chars:
             raise DataError(f"data.clean.max_chars={cfg.max_chars} is below "
                             f"min_chars={cfg.min_chars}: every document would be dropped")

@@ -41,8 +41,8 @@ def check(data_cfg: Mapping[str, Any], objective: str) -> None:
     if not data_cfg["text_field"]:
         raise DataError("data.text_field must name the feature (or .jsonl key) holding the "
                         "text, e.g. text")
-    _check_clean(data_cfg["clean"])
-    _check_mlm(data_cfg["mlm"])
+    CleanConfig.from_mapping(data_cfg["clean"])
+    masking.MaskConfig.from_mapping(data_cfg["mlm"])
     span_corruption.SpanConfig.from_mapping(data_cfg["spans"])
     for key in ("seq_len", "batch_size"):
         if data_cfg[key] <= 0:
@@ -72,37 +72,10 @@ def check(data_cfg: Mapping[str, Any], objective: str) -> None:
     target_length(data_cfg, objective)
 
 
-def _check_clean(clean: Mapping[str, Any]) -> None:
-    for key in ("min_chars", "max_chars"):
-        if clean[key] < 0:
-            raise DataError(f"data.clean.{key} must be >= 0 (max_chars: 0 = no limit), got "
-                            f"{clean[key]}")
-    CleanConfig.from_mapping(clean)
-
-
-def _check_mlm(mlm: Mapping[str, Any]) -> None:
-    for key in ("mask_fraction", "random_fraction"):
-        if not 0 <= mlm[key] <= 1:
-            raise DataError(f"data.mlm.{key} must be in [0, 1], got {mlm[key]}")
-    if mlm["mask_fraction"] + mlm["random_fraction"] > 1:
-        raise DataError(f"data.mlm.mask_fraction={mlm['mask_fraction']} and "
-                        f"data.mlm.random_fraction={mlm['random_fraction']} sum to more than 1 "
-                        "(they are shares of the selected tokens)")
-    masking.MaskConfig.from_mapping(mlm)
-
-
 def _check_tokenizer(tok: Mapping[str, Any]) -> None:
     """The settings of training a tokenizer, checked even when data.tokenizer.path names one,
     so a wrong value never waits for the run that trains."""
-    if tok["model_type"] not in tokenizer.MODEL_TYPES:
-        raise DataError(f"data.tokenizer.model_type={tok['model_type']!r}: choose one of "
-                        f"{tokenizer.MODEL_TYPES}")
-    if not 0.9 <= tok["character_coverage"] <= 1.0:
-        raise DataError(f"data.tokenizer.character_coverage={tok['character_coverage']} must be "
-                        "in [0.9, 1] (1.0 for CJK)")
-    try:   # what remains for check_settings to refuse is the size
-        tokenizer.check_settings(tok["vocab_size"], tok["model_type"], tok["character_coverage"])
-    except DataError as e:
-        raise DataError(f"data.tokenizer.vocab_size={tok['vocab_size']}: {e}") from e
+    tokenizer.check_settings(tok["vocab_size"], tok["model_type"], tok["character_coverage"],
+                             prefix="data.tokenizer.")
     if tok["sample_chars"] <= 0:
         raise DataError(f"data.tokenizer.sample_chars must be positive, got {tok['sample_chars']}")

@@ -43,10 +43,13 @@ class MaskConfig:
         cfg = cls(**{f.name: m[f.name] for f in dataclasses.fields(cls)})
         if not 0 < cfg.rate < 1:
             raise DataError(f"data.mlm.rate={cfg.rate} must be in (0, 1)")
-        if min(cfg.mask_fraction, cfg.random_fraction) < 0 or \
-                cfg.mask_fraction + cfg.random_fraction > 1:
-            raise DataError("data.mlm.mask_fraction and random_fraction must be >= 0 and sum to "
-                            f"at most 1, got {cfg.mask_fraction} and {cfg.random_fraction}")
+        for key in ("mask_fraction", "random_fraction"):
+            if not 0 <= getattr(cfg, key) <= 1:
+                raise DataError(f"data.mlm.{key} must be in [0, 1], got {getattr(cfg, key)}")
+        if cfg.mask_fraction + cfg.random_fraction > 1:
+            raise DataError(f"data.mlm.mask_fraction={cfg.mask_fraction} and "
+                            f"data.mlm.random_fraction={cfg.random_fraction} sum to more than 1 "
+                            "(they are shares of the selected tokens)")
         if cfg.sentence_pairs not in PAIR_MODES:
             raise DataError(f"data.mlm.sentence_pairs={cfg.sentence_pairs!r}: choose one of "
                             f"{PAIR_MODES}")

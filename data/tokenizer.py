@@ -190,15 +190,18 @@ MODEL_TYPES = ("unigram", "bpe")
 DEFAULTS = base_config().data.tokenizer    # configs/base.py states the defaults once
 
 
-def check_settings(vocab_size: int, model_type: str, character_coverage: float) -> None:
-    """The training settings `train` accepts; checked before any text is read."""
+def check_settings(vocab_size: int, model_type: str, character_coverage: float,
+                   prefix: str = "tokenizer ") -> None:
+    """The training settings `train` accepts; checked before any text is read. `prefix` names
+    where they were set (a config run passes "data.tokenizer.")."""
     if model_type not in MODEL_TYPES:
-        raise DataError(f"tokenizer model_type {model_type!r}: choose unigram or bpe")
+        raise DataError(f"{prefix}model_type={model_type!r}: choose one of {MODEL_TYPES}")
     if not 0.9 <= character_coverage <= 1.0:
-        raise DataError(f"tokenizer character_coverage={character_coverage} must be in [0.9, 1]")
+        raise DataError(f"{prefix}character_coverage={character_coverage} must be in [0.9, 1] "
+                        "(1.0 for CJK)")
     minimum = 4 + 1 + len(CONTROL_PIECES) + 256 + 16  # ids 0-3, specials, bytes, a few pieces
     if vocab_size < minimum:
-        raise DataError(f"tokenizer vocab_size {vocab_size} is too small: the special tokens and "
+        raise DataError(f"{prefix}vocab_size={vocab_size} is too small: the special tokens and "
                         f"byte fallback alone need {minimum - 16}; use at least {minimum}")
 
 

@@ -23,25 +23,29 @@ log = logging.getLogger(__name__)
 
 
 def mesh_shape(mesh_cfg: Mapping[str, Any], n_devices: int) -> tuple[int, ...]:
-    """Sizes of (data, fsdp, tensor); at most one -1, which takes the remaining devices."""
+    """Sizes of (data, fsdp, tensor); at most one -1, which takes the remaining devices. A
+    MeshError names the `mesh.*` keys that do not fit."""
     sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
-    if any(s == 0 or s < -1 for s in sizes):
-        raise MeshError(f"mesh axes must be positive or -1 (fill), got "
-                        f"{dict(zip(MESH_AXES, sizes))}")
+    shown = ", ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes))
+    for axis, size in zip(MESH_AXES, sizes):
+        if size == 0 or size < -1:
+            raise MeshError(f"mesh.{axis}={size}: a mesh axis size is positive, or -1 to take "
+                            "the remaining devices")
     fill = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
     if len(fill) > 1:
-        raise MeshError(f"only one mesh axis may be -1 (fill), got {fill}")
+        raise MeshError(f"{' and '.join(f'mesh.{a}' for a in fill)} are each -1; only one mesh "
+                        "axis may be -1 (take the remaining devices)")
     fixed = math.prod(s for s in sizes if s != -1)
     if fill:
         if n_devices % fixed:
             raise MeshError(
-                f"mesh {dict(zip(MESH_AXES, sizes))}: {n_devices} devices are not divisible by "
-                f"the fixed axes' product {fixed}; choose axis sizes that divide {n_devices}")
+                f"{shown}: {n_devices} devices are not divisible by the fixed axes' product "
+                f"{fixed}; choose axis sizes that divide {n_devices}")
         sizes[MESH_AXES.index(fill[0])] = n_devices // fixed
     elif fixed != n_devices:
         raise MeshError(
-            f"mesh {dict(zip(MESH_AXES, sizes))} needs {fixed} devices but {n_devices} are "
-            f"present; make data*fsdp*tensor equal {n_devices}, or set one axis to -1")
+            f"{shown} needs {fixed} devices but {n_devices} are present; make "
+            f"data*fsdp*tensor equal {n_devices}, or set one axis to -1")
     return tuple(sizes)
 
 
@@ -57,7 +61,7 @@ def rules_from_config(rules: Sequence[Sequence[Any]]) -> Rules:
     """Validates the `mesh.rules` table: pairs of (logical name, mesh axis | tuple | None)."""
     out = []
     for rule in rules:
-        if len(rule) != 2 or not isinstance(rule[0], str):
+        if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
             raise MeshError(f"mesh.rules entries are (logical_name, mesh_axes) pairs, got {rule!r}")
         name, axes = rule
         axes_tuple = axes if isinstance(axes, (tuple, list)) else (axes,)
@@ -65,6 +69,10 @@ def rules_from_config(rules: Sequence[Sequence[Any]]) -> Rules:
         if bad:
             raise MeshError(f"mesh.rules: {name!r} maps to unknown mesh axes {bad}; "
                             f"mesh axes are {MESH_AXES}")
+        named = [a for a in axes_tuple if a is not None]
+        if len(set(named)) != len(named):
+            raise MeshError(f"mesh.rules: {name!r} maps to {axes!r}, which names a mesh axis "
+                            "twice")
         out.append((name, tuple(axes) if isinstance(axes, list) else axes))
     return tuple(out)
 
@@ -117,8 +125,10 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 1) -> NamedSharding:
     return NamedSharding(mesh, spec)
 
 
-def batch_divisor(mesh: Mesh, rules: Rules) -> int:
-    """How many ways the batch dimension is split: the global batch must be a multiple."""
-    axes = batch_sharding(mesh, rules).spec[0]
+def batch_divisor(axis_sizes: Mapping[str, int], rules: Rules) -> int:
+    """How many ways the batch dimension is split over a mesh of `axis_sizes` (a Mesh's
+    `.shape`, or sizes from `mesh_shape` before any mesh exists): the batch must be a
+    multiple."""
+    axes = nn.logical_to_mesh_axes(("batch",), rules)[0]
     axes = axes if isinstance(axes, tuple) else (axes,)
-    return math.prod(mesh.shape[a] for a in axes if a is not None)
+    return math.prod(axis_sizes[a] for a in axes if a is not None)

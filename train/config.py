@@ -5,7 +5,6 @@ each key's default and meaning are stated once, in configs/base.py.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import jax
@@ -16,7 +15,7 @@ from configs.loader import flat_items, number_problem
 from data import config as data_config
 from errors import ConfigError, MeshError
 from model.config import ModelConfig
-from model.sharding import MESH_AXES, mesh_shape, rules_from_config
+from model.sharding import MESH_AXES, batch_divisor, mesh_shape, rules_from_config
 from train import families
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -111,39 +110,13 @@ def _check_lengths(cfg: ConfigDict, model: ModelConfig) -> None:
 
 
 def _check_mesh(cfg: ConfigDict, devices: Sequence[jax.Device] | None) -> None:
-    """Each mesh axis key is a size or -1 and together they fit the devices; mesh.rules is a
-    table of (logical name, mesh axes) pairs; the micro-batch splits over the batch's axes."""
+    """The mesh axes fit the devices, mesh.rules is a well-formed table, and the micro-batch
+    splits over the batch's mesh axes."""
     n_devices = len(jax.devices() if devices is None else devices)
-    axes = {f"mesh.{a}": cfg.mesh[a] for a in MESH_AXES}
-    shown = ", ".join(f"{k}={v}" for k, v in axes.items())
-    for key, size in axes.items():
-        _check(size == -1 or size >= 1, f"{key}={size}: a mesh axis size is positive, or -1 to "
-               "take the remaining devices", MeshError)
-    fill = [k for k, v in axes.items() if v == -1]
-    _check(len(fill) <= 1, f"{' and '.join(fill)} are each -1; only one mesh axis may take the "
-           "remaining devices", MeshError)
-    fixed = math.prod(v for v in axes.values() if v != -1)
-    if fill:
-        _check(n_devices % fixed == 0, f"{shown}: the {n_devices} devices do not divide by the "
-               f"fixed axes' product {fixed}; choose sizes whose product divides {n_devices}",
-               MeshError)
-    else:
-        _check(fixed == n_devices, f"{shown} needs {fixed} devices but {n_devices} are present; "
-               f"make the product {n_devices}, or set one axis to -1", MeshError)
     sizes = dict(zip(MESH_AXES, mesh_shape(cfg.mesh, n_devices)))
-    for rule in cfg.mesh.rules:
-        _check(isinstance(rule, (tuple, list)), f"mesh.rules entries are (logical_name, "
-               f"mesh_axes) pairs, got {rule!r}", MeshError)
-    rules = dict(rules_from_config(cfg.mesh.rules))
-    for name, mapped in rules.items():
-        named = [a for a in (mapped if isinstance(mapped, tuple) else (mapped,)) if a]
-        _check(len(set(named)) == len(named), f"mesh.rules: {name!r} maps to {mapped!r}, which "
-               "names a mesh axis twice", MeshError)
-    batch_axes = rules.get("batch", ("data", "fsdp"))
-    batch_axes = batch_axes if isinstance(batch_axes, tuple) else (batch_axes,)
-    divisor = math.prod(sizes[axis] for axis in batch_axes if axis is not None)
+    divisor = batch_divisor(sizes, rules_from_config(cfg.mesh.rules))
     micro = cfg.data.batch_size // cfg.opt.grad_accum
     _check(micro % divisor == 0,
            f"the micro-batch of {micro} rows (data.batch_size / opt.grad_accum) does not split "
-           f"over the {divisor} devices of the batch's mesh axes {batch_axes} (the 'batch' "
-           f"entry of mesh.rules); use a multiple of {divisor}", MeshError)
+           f"over the {divisor} devices of the batch's mesh axes (the 'batch' entry of "
+           f"mesh.rules); use a multiple of {divisor}", MeshError)
