@@ -13,6 +13,7 @@ makes encoding concatenative at line breaks: long documents are encoded in chunk
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import os
@@ -125,7 +126,7 @@ class Tokenizer:
         byte-fallback piece, else the piece's text with the leading-space marker as one space.
 
         With `adds_dummy_prefix`, decoding drops the space of a document's first piece, so a
-        document's bytes are the sum over its ids minus 1 (see train/eval.py).
+        document's bytes are the sum over its ids minus 1 (see train/evaluation/evaluate.py).
         """
         sp = self._sp
 
@@ -138,9 +139,10 @@ class Tokenizer:
 
         return np.array([size(i) for i in range(self.vocab_size)], np.int32)
 
-    @property
+    @functools.cached_property
     def adds_dummy_prefix(self) -> bool:
-        """Whether encoding prepends a space marker that decoding removes again."""
+        """Whether encoding prepends a space marker that decoding removes again (read from the
+        model proto once: scoring asks for every row)."""
         model = sentencepiece_model_pb2.ModelProto()
         model.ParseFromString(self.model_proto)
         return model.normalizer_spec.add_dummy_prefix

@@ -1,4 +1,4 @@
-"""Beam search over any stepper (train/decoding.py) in one jitted `lax.while_loop`.
+"""Beam search over any stepper (train/decoding/steppers.py) in one jitted `lax.while_loop`.
 
 The B prompts' W beams each are rows b*W + w of one stepper state, so they share one KV cache.
 Every step extends each live beam by every token and keeps the 2W best extensions (so W stay

@@ -12,7 +12,7 @@ STRATEGIES = ("greedy", "sample", "beam")
 @dataclasses.dataclass(frozen=True)
 class Options:
     """How to choose tokens. greedy: argmax; sample: temperature, top_k (0 = off), top_p (1 =
-    off); beam: beam_width beams ranked with length_penalty (see train/beam.py)."""
+    off); beam: beam_width beams ranked with length_penalty (see train/decoding/beam.py)."""
     strategy: str = "greedy"
     temperature: float = 1.0
     top_k: int = 0
