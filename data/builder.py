@@ -39,9 +39,11 @@ class CorpusConfig(tfds.core.BuilderConfig):
 class LocalCorpus(tfds.core.GeneratorBasedBuilder):
     """Documents from `data.sources`, split into train/validation by a hash of their content."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {"1.0.0": "Local documents, split by key hash.",
-                     "1.1.0": "Split by content hash; empty documents kept (cleaning drops them)."}
+                     "1.1.0": "Split by content hash; empty documents kept (cleaning drops them).",
+                     "1.2.0": "text_files documents keyed relative to their directory, so the "
+                              "record order does not depend on where the files live."}
     BUILDER_CONFIGS = [CorpusConfig(name="default")]
 
     # tfds prints "Downloading and preparing dataset ..." and "... downloaded and prepared"

@@ -69,15 +69,20 @@ def text_files(patterns: Sequence[str], text_field: str = "text") -> Iterator[Do
     files = expand(patterns)
     if not files:
         raise DataError(f"data.paths {list(patterns)} match no files; check the paths or globs")
+    # documents are named relative to the files' common directory, so the names (and the
+    # prepared corpus's record order, which tfds derives from them) do not depend on where
+    # the corpus lives
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
     for name in files:
+        shown = Path(os.path.relpath(os.path.abspath(name), root)).as_posix()
         if name.endswith(".jsonl"):
-            yield from _jsonl(name, text_field)
+            yield from ((f"{shown}:{i}", text) for i, text in _jsonl(name, text_field))
             continue
         try:
             text = Path(name).read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise _not_utf8(name, e) from e
-        yield name, text
+        yield shown, text
 
 
 def _not_utf8(name: str, e: UnicodeDecodeError) -> DataError:
@@ -85,7 +90,8 @@ def _not_utf8(name: str, e: UnicodeDecodeError) -> DataError:
                      "(e.g. iconv -t UTF-8) or leave it out of data.paths")
 
 
-def _jsonl(name: str, text_field: str) -> Iterator[Document]:
+def _jsonl(name: str, text_field: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each record of a .jsonl file."""
     with open(name, "rb") as f:
         for i, raw in enumerate(f, 1):
             try:
@@ -103,7 +109,7 @@ def _jsonl(name: str, text_field: str) -> Iterator[Document]:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise DataError(f"{name}:{i} has no field {text_field!r} (data.text_field); "
                                 f"its fields are {keys}")
-            yield f"{name}:{i}", str(record[text_field])
+            yield i, str(record[text_field])
 
 
 def files_fingerprint(patterns: Sequence[str]) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 
 from conftest import CORPUS_DOCS
+from data.builder import LocalCorpus
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_LINE = re.compile(r"\[(train|eval)/step \d+\]( [\w/]+=\S+)+")
@@ -50,7 +51,7 @@ def test_a_piped_training_prints_each_progress_line_once_and_whole_metric_lines(
     assert "Downloading" not in out and "downloaded" not in out, out   # nothing is downloaded
     prepared = [line for line in lines if line.startswith("preparing python_stdlib_")]
     assert len(prepared) == 1 and prepared[0].endswith(f"in {data_dir}/local_corpus/"
-                                                       f"{prepared[0].split()[1]}/1.1.0"), out
+                                                       f"{prepared[0].split()[1]}/{LocalCorpus.VERSION}"), out
     kept = [line for line in lines if "documents kept" in line]
     assert kept and len(kept) == len(set(kept)) == len({line.split(":")[0] for line in kept}), out
     assert all(line.startswith("python_stdlib [") for line in kept), out
