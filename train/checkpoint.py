@@ -11,6 +11,7 @@ training then moves it aside (`quarantine`, never deleting it) and resumes from 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -68,6 +69,17 @@ def _innermost(e: BaseException) -> BaseException:
     return next((c for c in reversed(chain) if _DAMAGE.search(str(c))), chain[-1])
 
 
+class _RaisedAnyway(logging.Filter):
+    """Drops orbax's traceback of a failed writer thread: the same error reaches `save` or
+    `wait`, which raise it as one CheckpointError (its traceback under --verbose)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_SignalingThread.run() raised an exception" not in record.getMessage()
+
+
+_ORBAX_THREADS = _RaisedAnyway()
+
+
 class Checkpointer:
     """One run's checkpoint directory (`<workdir>/checkpoints/<step>/<item>`)."""
 
@@ -80,6 +92,7 @@ class Checkpointer:
                                        n=ckpt_cfg["keep_best"],
                                        keep_checkpoints_without_metrics=False))
         self.path = directory(workdir)
+        logging.getLogger("absl").addFilter(_ORBAX_THREADS)   # once: filters are a set
         if read_only and not self.path.is_dir():
             raise CheckpointError(f"no checkpoints in {self.path}; is --workdir the directory of "
                                   "a training run?")
@@ -156,7 +169,19 @@ class Checkpointer:
             self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics,
                               force=True)
         except Exception as e:   # disk full, a path in the way, permissions, ...
+            self._drain_quietly()
             raise self._save_failed(step, e) from e
+
+    def _drain_quietly(self) -> None:
+        """After a failed save: stops orbax's writer threads, and the tracebacks each would log
+        of the same error (which the error raised keeps as its cause), for the rest of the
+        process, which is ending with that error."""
+        for name in ("absl", "asyncio"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        try:
+            self.manager.close()
+        except Exception:   # noqa: BLE001 - the save's own error is the one reported
+            pass
 
     def _save_failed(self, step: int | None, e: BaseException) -> CheckpointError:
         committed = sorted(int(p.name) for p in self.path.iterdir() if p.name.isdigit()
@@ -219,6 +244,7 @@ class Checkpointer:
         try:
             self.manager.wait_until_finished()
         except Exception as e:
+            self._drain_quietly()
             raise self._save_failed(None, e) from e
 
     def close(self) -> None:

@@ -55,6 +55,8 @@ class Preemption:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.signal is not None:
+            return   # stopping: a second Ctrl-C while the process winds down still aborts
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         if self._watchdog is not None:
