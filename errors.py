@@ -75,3 +75,6 @@ def fail_cleanly(verbose: bool = False) -> Iterator[None]:
         else:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:   # Ctrl-C before a command's own handler (train/preempt.py) is set
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
