@@ -42,6 +42,11 @@ class CheckpointError(LoomError, ValueError):
     """A checkpoint or run directory that is missing, unreadable or does not fit this run."""
 
 
+class TrainingDiverged(LoomError):
+    """The loss or gradient norm became NaN/Inf (train.nonfinite=halt); names the step and the
+    last good checkpoint."""
+
+
 class ConversionError(LoomError, ValueError):
     """A model that does not map onto another format (a Hugging Face architecture, a layout)."""
 
@@ -70,3 +75,6 @@ def fail_cleanly(verbose: bool = False) -> Iterator[None]:
         else:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:   # Ctrl-C before a command's own handler (train/preempt.py) is set
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

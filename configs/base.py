@@ -123,6 +123,11 @@ HELP = {
     "train.z_loss": "coefficient of the log(Z)^2 auxiliary loss; 0 = off",
     "train.log_every": "steps between metric logs",
     "train.peak_tflops": "device peak TFLOP/s for MFU; 0 = look up a known accelerator",
+    "train.nonfinite": "a NaN/Inf loss or gradient norm: halt (stop, naming the step and the "
+                       "last good checkpoint) | skip (leave params and optimizer state unchanged, "
+                       "counted as skipped_steps)",
+    "train.preempt_grace_s": "SIGTERM/SIGINT: seconds to finish the step in flight and "
+                             "checkpoint it before giving up (the scheduler's grace period)",
     "eval.every": "steps between evaluations on data.eval_split; 0 = only at the end",
     "eval.steps": "batches per evaluation",
     "eval.sample_prompt": "prompt of the text sample printed after training; '' = none",
@@ -168,6 +173,7 @@ def get_config() -> ConfigDict:
     c.train = ConfigDict(dict(
         steps=10_000, seed=0, objective="clm", z_loss=0.0, log_every=50, peak_tflops=0.0,
     ))
+    c.train.update(nonfinite="halt", preempt_grace_s=30.0)   # surviving faults (train/preempt.py)
     c.eval = ConfigDict(dict(
         every=1000, steps=20, sample_prompt="def ", sample_tokens=64, sample_temperature=0.7,
     ))

@@ -32,6 +32,7 @@ def test_two_processes_assemble_the_global_batch_from_their_shards(config, tmp_p
     (tmp_path / "config.json").write_text(config.to_json())
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["PYTHONPATH"] = str(Path(__file__).parent.parent)   # this checkout's code, not another
     procs = [subprocess.Popen([sys.executable, __file__, str(i), str(port), str(tmp_path)],
                               cwd=Path(__file__).parent.parent, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

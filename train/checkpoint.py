@@ -3,11 +3,18 @@
 Each is a separate item, so evaluation restores params alone (onto any mesh), while training
 restores everything. Retention keeps the `ckpt.keep` latest checkpoints plus the `ckpt.keep_best`
 with the lowest eval loss.
+
+A checkpoint that cannot be read (a truncated, deleted or garbled file, a missing item) raises
+`UnreadableCheckpoint`, apart from one that reads but does not fit the model (`CheckpointError`):
+training then moves it aside (`quarantine`, never deleting it) and resumes from the one before.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,6 +38,48 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
 
 
+class UnreadableCheckpoint(CheckpointError):
+    """A checkpoint whose files are missing, truncated or corrupt (not one of another model)."""
+
+
+# orbax's words for a checkpoint of another shape or tree (the files themselves read fine)
+_MISFIT = re.compile(r"Structure mismatch|stored shape|tree structure|does not match|dtype")
+# tensorstore's status codes and the file-level failures of a damaged checkpoint
+_DAMAGE = re.compile(r"\b(NOT_FOUND|OUT_OF_RANGE|DATA_LOSS|FAILED_PRECONDITION|INVALID_ARGUMENT"
+                     r"|UNKNOWN|INTERNAL):|Error (reading|opening)|Truncated|corrupt|Expecting "
+                     r"value|Unterminated|No such file")
+
+_OS_ERROR = re.compile(r"File too large|No space left on device|Disk quota exceeded|Permission "
+                       r"denied|Read-only file system|Not a directory|Is a directory|"
+                       r"Input/output error")
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    out = []
+    while e is not None and e not in out:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def _innermost(e: BaseException) -> BaseException:
+    """The exception in `e`'s chain that says what went wrong (tensorstore wraps its status in
+    an `Exception` whose message is a 150-line spec dump)."""
+    chain = _chain(e)
+    return next((c for c in reversed(chain) if _DAMAGE.search(str(c))), chain[-1])
+
+
+class _RaisedAnyway(logging.Filter):
+    """Drops orbax's traceback of a failed writer thread: the same error reaches `save` or
+    `wait`, which raise it as one CheckpointError (its traceback under --verbose)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_SignalingThread.run() raised an exception" not in record.getMessage()
+
+
+_ORBAX_THREADS = _RaisedAnyway()
+
+
 class Checkpointer:
     """One run's checkpoint directory (`<workdir>/checkpoints/<step>/<item>`)."""
 
@@ -43,6 +92,7 @@ class Checkpointer:
                                        n=ckpt_cfg["keep_best"],
                                        keep_checkpoints_without_metrics=False))
         self.path = directory(workdir)
+        logging.getLogger("absl").addFilter(_ORBAX_THREADS)   # once: filters are a set
         if read_only and not self.path.is_dir():
             raise CheckpointError(f"no checkpoints in {self.path}; is --workdir the directory of "
                                   "a training run?")
@@ -58,6 +108,21 @@ class Checkpointer:
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
+
+    def quarantine(self, step: int) -> Path:
+        """Moves the unreadable checkpoint `step` out of the run (to `checkpoints.corrupt/`),
+        so retention and later saves of that step number ignore it; returns where it went."""
+        aside = self.path.parent / "checkpoints.corrupt"
+        aside.mkdir(exist_ok=True)
+        target = aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+        (self.path / str(step)).rename(target)
+        self.manager.reload()
+        return target
+
+    def unquarantine(self, moved: Path, step: int) -> None:
+        """Puts a checkpoint `quarantine` moved back (when no checkpoint of the run reads)."""
+        moved.rename(self.path / str(step))
+        self.manager.reload()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -100,26 +165,56 @@ class Checkpointer:
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         metrics = None if eval_loss is None else {EVAL_METRIC: float(eval_loss)}
-        self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics,
+                              force=True)
+        except Exception as e:   # disk full, a path in the way, permissions, ...
+            self._drain_quietly()
+            raise self._save_failed(step, e) from e
+
+    def _drain_quietly(self) -> None:
+        """After a failed save: stops orbax's writer threads, and the tracebacks each would log
+        of the same error (which the error raised keeps as its cause), for the rest of the
+        process, which is ending with that error."""
+        for name in ("absl", "asyncio"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        try:
+            self.manager.close()
+        except Exception:   # noqa: BLE001 - the save's own error is the one reported
+            pass
+
+    def _save_failed(self, step: int | None, e: BaseException) -> CheckpointError:
+        committed = sorted(int(p.name) for p in self.path.iterdir() if p.name.isdigit()
+                           and int(p.name) != step) if self.path.is_dir() else []
+        kept = (f"the previous checkpoint (step {committed[-1]}) is kept" if committed
+                else "there is no earlier checkpoint")
+        which = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
+        os_error = next((m.group(0) for c in _chain(e) if (m := _OS_ERROR.search(str(c)))), None)
+        return CheckpointError(f"writing {which} to {self.path} failed "
+                               f"({os_error or _first_line(_innermost(e))}); {kept}. Free disk "
+                               "space or fix the directory, then run the same command to resume")
 
     def _restore(self, step: int, **items) -> Any:
         where = self.path / str(step)
+        others = [s for s in self.steps() if s != step]
         missing = [name for name in items if not (where / name).exists()]
         if missing:
-            raise CheckpointError(f"checkpoint {where} has no {', '.join(missing)} item (it is "
-                                  "incomplete); restore another step, e.g. --step latest or a "
-                                  f"number from {self.steps()}")
+            raise UnreadableCheckpoint(
+                f"checkpoint {where} has no {', '.join(missing)} item: it is incomplete (a "
+                f"half-written or damaged directory); use another step ({others or 'none'})")
         try:
             return self.manager.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError, TypeError) as e:
-            # orbax names the leaf whose shape, dtype or tree structure differs
-            raise CheckpointError(
-                f"checkpoint {where} does not fit this run: {_first_line(e)}; its parameters "
-                "were saved for another model config (compare its config item with this "
-                "run's)") from e
-        except (OSError, RuntimeError) as e:   # tensorstore: unreadable or truncated files
-            raise CheckpointError(f"checkpoint {where} cannot be read: {_first_line(e)}; it may "
-                                  "be truncated or corrupt; restore another step") from e
+        except Exception as e:
+            cause = _innermost(e)
+            if _MISFIT.search(str(cause)) and not _DAMAGE.search(str(cause)):
+                # orbax names the leaf whose shape, dtype or tree structure differs
+                raise CheckpointError(
+                    f"checkpoint {where} does not fit this run: {_first_line(cause)}; its "
+                    "parameters were saved for another model config (compare its config item "
+                    "with this run's)") from e
+            raise UnreadableCheckpoint(
+                f"checkpoint {where} cannot be read ({_first_line(cause)}): it is truncated or "
+                f"corrupt; use another step ({others or 'none'})") from e
 
     def restore_state(self, step: int, abstract_state: TrainState,
                       data_iterator: Any = None) -> TrainState:
@@ -130,7 +225,9 @@ class Checkpointer:
                      opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
                      progress=ocp.args.StandardRestore({"step": abstract_state.step,
                                                         "rng": abstract_state.rng}))
-        if data_iterator is not None and (self.path / str(step) / "data").exists():
+        # every checkpoint the loop writes holds the data iterator; only step 0 of an imported
+        # model has none (and the stream starts at the beginning then anyway)
+        if data_iterator is not None and (step > 0 or (self.path / str(step) / "data").exists()):
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         out = self._restore(step, **items)
         return TrainState(step=out["progress"]["step"], params=out["params"],
@@ -143,7 +240,12 @@ class Checkpointer:
         return self._restore(step, config=ocp.args.JsonRestore())["config"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Blocks until a background save is committed; its failure is a CheckpointError."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            self._drain_quietly()
+            raise self._save_failed(None, e) from e
 
     def close(self) -> None:
         self.manager.close()

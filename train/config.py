@@ -19,6 +19,7 @@ from model.sharding import MESH_AXES, batch_divisor, mesh_shape, rules_from_conf
 from train import families
 
 SCHEDULES = ("cosine", "linear", "constant")
+NONFINITE = ("halt", "skip")
 
 
 def _check(ok: bool, message: str, error: type[ConfigError] = ConfigError) -> None:
@@ -78,6 +79,10 @@ def validate(cfg: ConfigDict, devices: Sequence[jax.Device] | None = None) -> No
     _check(train.z_loss >= 0, f"train.z_loss must be >= 0, got {train.z_loss}")
     _check(train.peak_tflops >= 0, f"train.peak_tflops must be >= 0 (0 = the device's known "
            f"peak), got {train.peak_tflops}")
+    # .get: a checkpoint saved before these keys existed still restores
+    nonfinite, grace = train.get("nonfinite", "halt"), train.get("preempt_grace_s", 30.0)
+    _check(nonfinite in NONFINITE, f"train.nonfinite={nonfinite!r}: choose one of {NONFINITE}")
+    _check(grace > 0, f"train.preempt_grace_s must be positive, got {grace}")
     _check(train.log_every > 0, f"train.log_every must be positive, got {train.log_every}")
     _check(cfg.eval.every >= 0, f"eval.every must be >= 0 (0 = only at the end), got "
            f"{cfg.eval.every}")

@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if argv[:1] == ["from-hf"]:
             args, config = parse(from_hf, argv[1:], config_required=False)
             from train.hf.convert import import_hf   # deferred: --help stays fast
-            path = import_hf(args.hf, args.workdir, config)
+            path = import_hf(args.hf, args.workdir, config, config_args=argv[1:])
             print(f"imported {args.hf} into {args.workdir}; continue training with:\n"
                   f"  python -m train --config {path} --workdir {args.workdir}")
         else:

@@ -43,7 +43,8 @@ class Setup:
         return step_lib.jit_train_step(
             self.state_shardings, self.batch_sharding, objective=self.objective.loss,
             model=self.model, tx=self.tx, lr_schedule=self.lr_schedule,
-            grad_accum=self.config.opt.grad_accum, z_loss=self.config.train.z_loss)
+            grad_accum=self.config.opt.grad_accum, z_loss=self.config.train.z_loss,
+            skip_nonfinite=self.config.train.get("nonfinite") == "skip")
 
     def eval_step(self):
         return step_lib.jit_eval_step(self.state_shardings.params, self.batch_sharding,

@@ -45,8 +45,13 @@ def grads_and_sums(objective: Objective, model: nn.Module, params: Any, batch: B
 
 def train_step(state: TrainState, batch: Batch, *, objective: Objective, model: nn.Module,
                tx: optax.GradientTransformation, lr_schedule: optax.Schedule, grad_accum: int,
-               z_loss: float) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on the mean loss over every weighted token of the global batch."""
+               z_loss: float, skip_nonfinite: bool = False
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on the mean loss over every weighted token of the global batch.
+
+    `nonfinite` (0/1) in the metrics flags a NaN/Inf loss or gradient norm; with
+    `skip_nonfinite` (train.nonfinite=skip) such a step leaves params and optimizer state as
+    they were (the step counter still advances past its batch)."""
     rng = jax.random.fold_in(state.rng, state.step)
     grads, sums = grads_and_sums(objective, model, state.params, batch, rng,
                                  grad_accum=grad_accum, z_loss=z_loss)
@@ -55,8 +60,14 @@ def train_step(state: TrainState, batch: Batch, *, objective: Objective, model: 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {k: v / weight for k, v in sums.items() if k != "weight"}
-    metrics.update(grad_norm=optax.global_norm(grads), lr=lr_schedule(state.step),
-                   tokens=sums["weight"])
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    if skip_nonfinite:
+        keep = lambda new, old: jnp.where(finite, new, old)   # noqa: E731
+        params = jax.tree.map(keep, params, state.params)
+        opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+    metrics.update(grad_norm=grad_norm, lr=lr_schedule(state.step), tokens=sums["weight"],
+                   nonfinite=(~finite).astype(jnp.int32))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -157,11 +157,15 @@ def _unrolled_shapes(abstract_params: Any, cfg: ModelConfig, layout: Layout
     return {path: x.shape for path, x in flat.items()}
 
 
-def import_hf(hf_dir: str | Path, workdir: str | Path, config: ConfigDict | None = None) -> Path:
+def import_hf(hf_dir: str | Path, workdir: str | Path, config: ConfigDict | None = None,
+              config_args: Sequence[str] = ()) -> Path:
     """Makes `workdir` a Loom run starting from the Hugging Face model in `hf_dir`.
 
-    Model keys come from its config.json, the vocabulary from its tokenizer.model, everything
-    else from `config` (default: configs/base.py). Returns the run's config.py.
+    Model keys come from its config.json, the vocabulary from its tokenizer.model (its
+    fingerprint recorded, so a later swap of the run's tokenizer.model is refused), everything
+    else from `config` (default: configs/base.py). A command-line override (`config_args`) of a
+    model key that config.json determines, to another value, is an error rather than ignored.
+    Returns the run's config.py.
     """
     hf_dir, workdir = Path(hf_dir).expanduser(), Path(workdir).expanduser()
     hf_config, layout = read_hf_config(hf_dir)
@@ -172,11 +176,14 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, config: ConfigDict | None
         raise CheckpointError(f"{workdir} already holds a training run; choose a new --workdir")
 
     config = ConfigDict((config or base_config()).to_dict())
-    config.model.update(layout.model_keys(hf_config), family=layout.family)
+    derived = {**layout.model_keys(hf_config), "family": layout.family}
+    _refuse_model_overrides(config, derived, config_args, hf_dir / HF_CONFIG)
+    config.model.update(derived)
     config.train.objective = layout.objective
     if families.family(layout.family).prompting is None:
         config.eval.sample_prompt = ""    # a family that writes no text prints no sample
     config.data.tokenizer.path = ""  # the run's own tokenizer.model: the checkpoint's vocabulary
+    config.data.tokenizer.fingerprint = tokenizer.fingerprint
     validate(config)
     if tokenizer.vocab_size > config.model.vocab_size:
         raise CheckpointError(f"{hf_dir}: tokenizer.model has {tokenizer.vocab_size} pieces but "
@@ -202,6 +209,19 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, config: ConfigDict | None
     run_config.write_text(_RUN_CONFIG.format(hf=hf_dir.absolute(), path=run_config,
                                              workdir=workdir))
     return run_config
+
+
+def _refuse_model_overrides(config: ConfigDict, derived: dict[str, Any],
+                            config_args: Sequence[str], source: Path) -> None:
+    named = {a.split("=", 1)[0].removeprefix("--config.model.") for a in config_args
+             if a.startswith("--config.model.")}
+    clash = {k: v for k, v in derived.items() if k in named and config.model.get(k) != v}
+    if clash:
+        listed = ", ".join(f"model.{k}={config.model.get(k)!r} (it has {v!r})"
+                           for k, v in clash.items())
+        raise ConfigError(f"{listed}: the imported model's shape comes from {source}; drop "
+                          "those --config.model overrides (training keys such as "
+                          "model.dropout or model.remat may still be set)")
 
 
 _RUN_CONFIG = '''"""The config of the run imported from the Hugging Face model {hf}.
