@@ -38,7 +38,7 @@ def _row(out: Path, trial: dict[str, Any], target: str, maximize: bool) -> dict[
                                                      (f"eval/{m}" for m in EVAL_COLUMNS) else [])
     for metric in metrics:
         _, values = plots.series(records if metric.startswith("eval/") else train, metric)
-        finite = [v for v in values if math.isfinite(v)]
+        finite = [float(v) for v in values if math.isfinite(v)]
         row[f"final {metric}"] = float(values[-1]) if len(values) else None
         higher = maximize if metric == target else "accuracy" in metric
         best = max if higher else min
