@@ -26,7 +26,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN", help="workdir of a training run")
     parser.add_argument("--out", default=plots.CURVES_FILE, help="PNG file to write")
     parser.add_argument("--metric", action="append", dest="metrics",
-                        help=f"metric to draw; repeatable (default: {' and '.join(plots.DEFAULT_METRICS)})")
+                        help="metric to draw; repeatable (default: "
+                             f"{' and '.join(plots.DEFAULT_METRICS)})")
     parser.add_argument("--smooth", type=float, default=0.0,
                         help="exponential smoothing of training curves, in [0, 1) (0 = raw)")
     parser.add_argument("--x", default="step", choices=plots.X_AXES, help="x axis")

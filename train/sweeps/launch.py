@@ -65,7 +65,7 @@ def _pending(sweep: plan.Sweep) -> tuple[list[plan.Trial], dict[str, dict[str, A
     return [t for t in sweep.trials if statuses[t.name]["status"] != "done"], statuses
 
 
-def run_local(sweep: plan.Sweep, *, parallel: int = 1, slots: Sequence[dict[str, str]] = ({},),
+def run_local(sweep: plan.Sweep, *, slots: Sequence[dict[str, str]] = ({},),
               env: Mapping[str, str] | None = None, poll_s: float = 0.5,
               write: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
     """Runs the trials that are not done, `len(slots)` at a time, each as a `python -m train`
@@ -84,15 +84,16 @@ def run_local(sweep: plan.Sweep, *, parallel: int = 1, slots: Sequence[dict[str,
         while todo or running:
             while todo and free:
                 trial, slot = todo.pop(0), free.pop(0)
-                running[trial.name] = (_start(sweep, trial, {**env, **slots[slot]}), slot, trial)
+                running[trial.name] = (*_start(sweep, trial, {**env, **slots[slot]}), slot, trial)
                 statuses[trial.name] = {**statuses[trial.name], "status": "running"}
                 resumed = " (resuming)" if (sweep.run_dir(trial) / "checkpoints").is_dir() else ""
                 write(f"[{trial.name}] started{resumed}")
             time.sleep(poll_s)
-            for name, (proc, slot, trial) in list(running.items()):
+            for name, (proc, log, slot, trial) in list(running.items()):
                 if proc.poll() is None:
                     continue
-                _finish(sweep.run_dir(trial), proc)
+                log.write(f"\n{plan.EXIT}{proc.returncode} {plan.now()}\n")
+                log.close()
                 del running[name]
                 free.append(slot)
                 statuses[name] = plan.status(sweep.run_dir(trial), trial.steps)
@@ -101,14 +102,16 @@ def run_local(sweep: plan.Sweep, *, parallel: int = 1, slots: Sequence[dict[str,
                       + (f": {s['error']}" if s["error"] else ""))
                 plan.write(sweep, statuses)
     except KeyboardInterrupt:
-        for name, (proc, _, trial) in running.items():
+        # no exit line: the attempt was cut short, not failed, and the next run resumes it
+        for proc, *_ in running.values():
             proc.terminate()
-        for name, (proc, _, trial) in running.items():
+        for name, (proc, log, _, trial) in running.items():
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            log.close()
             statuses[name] = plan.status(sweep.run_dir(trial), trial.steps)
         plan.write(sweep, statuses)
         write(f"sweep: interrupted; {', '.join(running) or 'no trial'} stopped. Run the same "
@@ -123,7 +126,9 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _start(sweep: plan.Sweep, trial: plan.Trial, env: dict[str, str]) -> subprocess.Popen:
+def _start(sweep: plan.Sweep, trial: plan.Trial, env: dict[str, str]
+           ) -> tuple[subprocess.Popen, Any]:
+    """Starts a trial's attempt; its output is appended to its train.log after the marker."""
     run = sweep.run_dir(trial)
     run.mkdir(parents=True, exist_ok=True)
     log = open(run / plan.LOG_FILE, "a")
@@ -131,15 +136,8 @@ def _start(sweep: plan.Sweep, trial: plan.Trial, env: dict[str, str]) -> subproc
     log.write(f"{plan.ATTEMPT}{plan.now()} local: {shlex.join(command)}\n")
     log.flush()
     # a session of its own: Ctrl-C reaches the sweep, which stops its trials itself
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-    proc.log = log
-    return proc
-
-
-def _finish(run: Path, proc: subprocess.Popen) -> None:
-    proc.log.write(f"\n{plan.EXIT}{proc.returncode} {plan.now()}\n")
-    proc.log.close()
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True), log
 
 
 SBATCH = """\
@@ -169,7 +167,8 @@ if [ -d "$RUN/checkpoints/$STEPS" ]; then
   echo "trial $NAME is done already"; exit 0
 fi
 mkdir -p "$RUN"
-echo "{attempt}$(date -u +%Y-%m-%dT%H:%M:%SZ) slurm ${{SLURM_ARRAY_JOB_ID:-}}_${{SLURM_ARRAY_TASK_ID}}" >> "$RUN/{log}"
+TASK="${{SLURM_ARRAY_JOB_ID:-}}_${{SLURM_ARRAY_TASK_ID}}"
+echo "{attempt}$(date -u +%Y-%m-%dT%H:%M:%SZ) slurm $TASK" >> "$RUN/{log}"
 "$PYTHON" -m train --config {config} --workdir "$RUN" --no-progress "$@" >> "$RUN/{log}" 2>&1
 rc=$?
 printf '\\n{exit}%s %s\\n' "$rc" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >> "$RUN/{log}"
@@ -191,9 +190,10 @@ def write_slurm(sweep: plan.Sweep, *, sbatch: Sequence[str] = (), parallel: int 
     extra = "\n".join(f"#SBATCH {a if a.startswith('-') else '--' + a}" for a in sbatch)
     text = SBATCH.format(
         out=out, out_q=shlex.quote(str(out)), n=len(sweep.trials), script=script,
-        job=shlex.quote(f"loom-sweep-{out.name}"), last=len(sweep.trials) - 1,
+        job=re.sub(r"[^\w.-]+", "_", f"loom-sweep-{out.name}"), last=len(sweep.trials) - 1,
         throttle=f"%{parallel}" if parallel > 0 else "", cwd=Path.cwd(), sbatch=extra,
-        python=python, cases="\n".join(cases), config=shlex.quote(str(Path(sweep.config).absolute())),
+        python=python, cases="\n".join(cases),
+        config=shlex.quote(str(Path(sweep.config).absolute())),
         attempt=plan.ATTEMPT, exit=plan.EXIT, log=plan.LOG_FILE)
     out.mkdir(parents=True, exist_ok=True)
     (out / "slurm").mkdir(exist_ok=True)

@@ -172,8 +172,8 @@ def status(run: Path, steps: int) -> dict[str, Any]:
     for attempt in attempts:
         head, _, rest = attempt.partition("\n")
         start = _time(head)
-        body, _, tail = rest.rpartition(EXIT)
-        if not _:
+        body, ended, tail = rest.rpartition(EXIT)
+        if not ended:
             code, last_output = None, rest
             continue
         parts = tail.split()
