@@ -104,16 +104,20 @@ def _panels(metrics: Sequence[str]) -> list[list[str]]:
     return list(groups.values())
 
 
+AUTO_SMOOTHING, AUTO_SMOOTHING_POINTS = 0.6, 50
+
+
 def plot_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
-              metrics: Sequence[str] = DEFAULT_METRICS, smoothing: float = 0.0,
+              metrics: Sequence[str] = DEFAULT_METRICS, smoothing: float | None = 0.0,
               x: str = "step", labels: Sequence[str] | None = None) -> tuple[int, int]:
     """Curves of `metrics` for each run, one panel per metric (train and eval of the same
     quantity share a panel: solid train, dashed eval with markers), one colour per run. Train
-    curves are smoothed by `smoothing` (0 = raw; the raw curve stays, faint). Returns the PNG's
-    (width, height) in pixels."""
+    curves are smoothed by `smoothing` (0 = raw; the raw curve stays, faint; None = 0.6 for a
+    curve of 50 points or more, else raw, as the figures Loom draws by itself do). Returns the
+    PNG's (width, height) in pixels."""
     if x not in X_AXES:
         raise DataError(f"--x {x!r}: choose one of {', '.join(X_AXES)}")
-    if not 0 <= smoothing < 1:
+    if smoothing is not None and not 0 <= smoothing < 1:
         raise DataError(f"--smooth {smoothing}: use a weight in [0, 1) (0 = no smoothing)")
     labels = list(labels) if labels else [Path(r).name or str(r) for r in runs]
     records = [read_records(r) for r in runs]
@@ -134,9 +138,11 @@ def plot_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                     ax.plot(xs, values, "--o", color=color, markersize=3,
                             label=f"{labels[i]} {metric}")
                 else:
-                    if smoothing > 0:
+                    weight = smoothing if smoothing is not None else \
+                        AUTO_SMOOTHING if len(values) >= AUTO_SMOOTHING_POINTS else 0.0
+                    if weight > 0:
                         ax.plot(xs, values, color=color, alpha=0.25, linewidth=0.8)
-                    ax.plot(xs, smooth(values, smoothing), color=color,
+                    ax.plot(xs, smooth(values, weight), color=color,
                             label=f"{labels[i]} {metric}")
     missing = [m for m in metrics if m not in drawn]
     if len(missing) == len(metrics):
@@ -162,7 +168,7 @@ def write_run_curves(workdir: str | os.PathLike) -> Path | None:
         log.warning("matplotlib is not installed: no curves.png (pip install matplotlib)")
         return None
     out = Path(workdir) / CURVES_FILE
-    plot_runs([workdir], out, labels=[""], smoothing=0.6)
+    plot_runs([workdir], out, labels=[""], smoothing=None)
     return out
 
 

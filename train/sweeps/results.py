@@ -151,6 +151,6 @@ def collect(out: str | Path, target: str = "eval/loss", maximize: bool = False
     started = [r["trial"] for r in table if (out / r["trial"] / "metrics.jsonl").is_file()]
     if started:
         files[str(out / CURVES_FILE)] = plots.plot_runs(
-            [out / name for name in started], out / CURVES_FILE, smoothing=0.6)
+            [out / name for name in started], out / CURVES_FILE, smoothing=None)
     write_hparams(out, sweep, table)
     return {"rows": table, "files": files}
