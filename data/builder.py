@@ -129,6 +129,13 @@ def prepare(source: Source, data_cfg: Mapping[str, Any]) -> tfds.core.DatasetBui
         except AssertionError as e:   # tfds refuses to write a split without examples
             raise DataError(f"{source.name}: {e}; the corpus needs more documents, or a "
                             "different data.validation_percent") from e
+        except FileExistsError:
+            # Another process (a parallel sweep trial, another host on a shared disk) prepared
+            # it at the same time and renamed its copy into place first; that one is complete.
+            builder = LocalCorpus(config=corpus_config(source, data_cfg),
+                                  data_dir=data_dir(data_cfg), file_format="array_record")
+            if not builder.is_prepared():
+                raise
     for split in SPLITS:
         if builder.info.splits[split].num_examples == 0:
             raise DataError(

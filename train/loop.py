@@ -23,6 +23,7 @@ from train.decoding import generate
 from train.decoding.options import Options
 from train.evaluation.evaluate import evaluate
 from train.metrics import MetricsLog, console, peak_tflops, throughput
+from train.plots import write_run_curves
 from train.preempt import Preemption
 from train.setup import Setup, build, with_vocab
 
@@ -84,8 +85,11 @@ def _train(config: ConfigDict, workdir: Path, progress: bool, stop_after: int | 
         def run_eval(step: int, params: Any) -> dict[str, float]:
             eval_batches = pipeline.eval_batches(config.data, tokenizer, setup.batch_sharding,
                                                  objective=config.train.objective)
-            return log.write(step, evaluate(eval_step, params, eval_batches, config.eval.steps),
-                             prefix="eval/")
+            record = log.write(step, evaluate(eval_step, params, eval_batches,
+                                              config.eval.steps), prefix="eval/")
+            if log.active:   # every run ends with an eval, so curves.png is also its last state
+                write_run_curves(workdir)
+            return record
 
         try:
             state, last_eval = _train_steps(setup, state, batches, ckpt, reporter, run_eval,
