@@ -303,3 +303,17 @@ def test_space_syntax_and_names():
     assert plots.log_scale("opt.lr", [1e-3, 2e-3]) and not plots.log_scale("model.n_layers",
                                                                           [1, 2])
     assert not math.isnan(plots.smooth(np.array([1.0, 2.0, 3.0]), 0.9)[0])
+
+
+def test_a_trial_a_signal_stopped_is_interrupted_not_done(tmp_path):
+    """python -m train exits 0 after checkpointing the step a SIGTERM arrived at: resume it."""
+    run = tmp_path / "trial"
+    (run / "checkpoints" / "8").mkdir(parents=True)
+    attempt = f"{plan.ATTEMPT}{plan.now()} local: python -m train\n"
+    stopped = ("stopped by SIGTERM: checkpointed step 8 0.2 s after the request; run the same "
+               "command to resume\n")
+    (run / plan.LOG_FILE).write_text(f"{attempt}{stopped}{plan.EXIT}0 {plan.now()}\n")
+    assert plan.status(run, 16)["status"] == "interrupted"
+    (run / plan.LOG_FILE).write_text(f"{attempt}data: the 1 epoch(s) of training data ended "
+                                     f"after step 8; stopping\n{plan.EXIT}0 {plan.now()}\n")
+    assert plan.status(run, 16)["status"] == "done"
