@@ -285,6 +285,8 @@ class Reporter:
 
 
 def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
-    """The records of `<workdir>/metrics.jsonl`."""
-    path = Path(workdir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of `<workdir>/metrics.jsonl`; a last line without its newline (being written
+    now, or cut short by a killed run) is left out."""
+    text = (Path(workdir) / "metrics.jsonl").read_text()
+    lines = text.split("\n")[:-1]   # the piece after the last newline is not a whole record
+    return [json.loads(line) for line in lines if line.strip()]

@@ -78,7 +78,11 @@ class MetricsLog:
         if not self.active:
             return
         workdir = Path(workdir)
-        self.jsonl = open(workdir / filename, "a", buffering=1)
+        path = workdir / filename
+        cut = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+        self.jsonl = open(path, "a", buffering=1)
+        if cut:   # a killed run's last record was cut short: start the next on its own line
+            self.jsonl.write("\n")
         self.tb = SummaryWriter(str(workdir / "tensorboard"))
         show = progress and _on_terminal()
         self.bar = tqdm.tqdm(total=total_steps, initial=initial_step, disable=not show,

@@ -90,8 +90,11 @@ def _save(fig, out: str | os.PathLike) -> tuple[int, int]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=DPI)
-    os.replace(tmp, out)
+    try:
+        fig.savefig(tmp, format="png", dpi=DPI)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)   # left only when writing failed
     width, height = fig.get_size_inches() * DPI
     return round(width), round(height)
 
@@ -161,14 +164,19 @@ def plot_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
 
 def write_run_curves(workdir: str | os.PathLike) -> Path | None:
     """Redraws `<workdir>/curves.png` (train and eval loss) from the run's metrics.jsonl; the
-    training loop calls it after each eval. None, with a warning, if matplotlib is missing."""
+    training loop calls it after each eval. None, with a warning, if matplotlib is missing or
+    the figure cannot be written (a full disk must not stop the run here)."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         log.warning("matplotlib is not installed: no curves.png (pip install matplotlib)")
         return None
     out = Path(workdir) / CURVES_FILE
-    plot_runs([workdir], out, labels=[""], smoothing=None)
+    try:
+        plot_runs([workdir], out, labels=[""], smoothing=None)
+    except Exception as e:   # noqa: BLE001 - a figure must never stop a training run
+        log.warning("could not draw %s (%s: %s); training goes on", out, type(e).__name__, e)
+        return None
     return out
 
 
