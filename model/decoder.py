@@ -48,7 +48,9 @@ class DecoderLM(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
-                 segment_ids_BxT: jax.Array | None = None, *, train: bool = False) -> jax.Array:
+                 segment_ids_BxT: jax.Array | None = None, *, train: bool = False,
+                 hidden: bool = False) -> jax.Array:
+        """Logits, or with `hidden=True` the final-normed hidden states h_BxTxD (task heads)."""
         cfg = self.cfg
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
@@ -59,6 +61,8 @@ class DecoderLM(nn.Module):
         x_BxTxD = stack(cfg, DecoderBlock, cfg.n_layers, x_BxTxD, positions_BxT, segment_ids_BxT,
                         decode=self.decode, deterministic=not train)
         x_BxTxD = norm(cfg, "final_norm")(x_BxTxD)
+        if hidden:
+            return x_BxTxD
         if cfg.tie_embeddings:
             logits_BxTxV = embed.attend(x_BxTxD)
         else:

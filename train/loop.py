@@ -20,6 +20,7 @@ from train.config import validate
 from train.decoding import generate
 from train.decoding.options import Options
 from train.evaluation.evaluate import evaluate
+from train.finetune import backbone as finetune_backbone, selection
 from train.metrics import MetricsLog, console, peak_tflops, throughput
 from train.setup import Setup, build, with_vocab
 
@@ -61,6 +62,7 @@ def train(config: ConfigDict, workdir: str | Path, *, progress: bool = True,
     validate(config)
     workdir = Path(workdir).expanduser()
     workdir.mkdir(parents=True, exist_ok=True)
+    config = finetune_backbone.resolve(config, workdir)   # fine-tuning: backbone, labels
     tokenizer = pipeline.load_or_train_tokenizer(config.data, workdir)
     config = with_vocab(config, tokenizer)
     setup = build(config)
@@ -80,8 +82,9 @@ def train(config: ConfigDict, workdir: str | Path, *, progress: bool = True,
         def run_eval(step: int, params: Any) -> dict[str, float]:
             eval_batches = pipeline.eval_batches(config.data, tokenizer, setup.batch_sharding,
                                                  objective=config.train.objective)
-            return log.write(step, evaluate(eval_step, params, eval_batches, config.eval.steps),
-                             prefix="eval/")
+            record = evaluate(eval_step, params, eval_batches, config.eval.steps)
+            record.update(selection.task_eval(setup, params, tokenizer))   # task metrics
+            return log.write(step, record, prefix="eval/")
 
         state, last_eval = _train_steps(setup, state, batches, ckpt, reporter, run_eval, last)
         ckpt.wait()
@@ -104,8 +107,7 @@ def _initial_state(setup: Setup, ckpt: Checkpointer, batches: pipeline.GlobalBat
     if step is None:
         if jax.process_index() == 0:
             (workdir / "config.json").write_text(setup.config.to_json_best_effort(indent=2))
-        return state_lib.init(setup.model, setup.model_cfg, setup.tx, setup.state_shardings,
-                              setup.config.train.seed)
+        return finetune_backbone.initial_state(setup, workdir)   # fresh, or from a backbone
     _check_resumable(ckpt.restore_config(step), setup.config, ckpt.path / str(step))
     abstract = state_lib.abstract(setup.model, setup.model_cfg, setup.tx, setup.state_shardings)
     return ckpt.restore_state(step, abstract, batches)
@@ -117,6 +119,7 @@ def _train_steps(setup: Setup, state: state_lib.TrainState, batches: pipeline.Gl
     config = setup.config
     train_step = setup.train_step()
     last_eval, first, saved = None, int(state.step), None
+    stopping = selection.EarlyStopping(config.finetune.patience)
     for step in range(first + 1, last + 1):
         batch = next(batches, None)
         if batch is None:   # data.num_epochs passes are done: end here, as if step-1 were last
@@ -126,7 +129,7 @@ def _train_steps(setup: Setup, state: state_lib.TrainState, batches: pipeline.Gl
                 reporter.flush(force=True)
                 last_eval = run_eval(step - 1, state.params)
                 ckpt.save(step - 1, state, config=config.to_dict(), data_iterator=batches,
-                          eval_loss=last_eval["loss"])
+                          eval_loss=selection.selection_value(config, last_eval))
             break
         with jax.transfer_guard("disallow"):
             state, metrics = train_step(state, batch)
@@ -140,9 +143,16 @@ def _train_steps(setup: Setup, state: state_lib.TrainState, batches: pipeline.Gl
             if ckpt_due:
                 ckpt.save(step, state, config=config.to_dict(),
                           data_iterator=batches,
-                          eval_loss=last_eval["loss"] if last_eval else None)
+                          eval_loss=selection.selection_value(config, last_eval))
                 saved = step
             reporter.restart_clock(step)
+            if eval_due and stopping.stop(selection.selection_value(config, last_eval)):
+                console(f"finetune: {selection.metric_name(config)} did not improve in "
+                        f"{config.finetune.patience} evaluations; stopping after step {step}")
+                if saved != step:
+                    ckpt.save(step, state, config=config.to_dict(), data_iterator=batches,
+                              eval_loss=selection.selection_value(config, last_eval))
+                break
     reporter.flush(force=True)
     return state, last_eval
 

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 import jax
 from ml_collections import ConfigDict
 
+from configs.base import get_config as base_config
 from configs.loader import apply_overrides
 from data.tokenizer import MODEL_FILE, Tokenizer, check_tokenizer
 from errors import CheckpointError
@@ -39,7 +40,19 @@ def saved_config(workdir: str | Path, step: str | int = "latest") -> tuple[Confi
     """The resolved config a checkpoint was saved with, and the step it resolved to."""
     ckpt = Checkpointer(workdir, read_only=True)
     resolved = ckpt.resolve(step)
-    return ConfigDict(ckpt.restore_config(resolved)), resolved
+    return with_defaults(ckpt.restore_config(resolved)), resolved
+
+
+def with_defaults(saved: Mapping[str, Any]) -> ConfigDict:
+    """A saved config with the keys added since it was saved at their configs/base.py
+    defaults (which keep the behaviour the run had)."""
+    def merge(base: dict, over: Mapping[str, Any]) -> dict:
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = merge(base[k], v) if isinstance(base.get(k), dict) and \
+                isinstance(v, Mapping) else v
+        return out
+    return ConfigDict(merge(base_config().to_dict(), saved))
 
 
 def restore(workdir: str | Path, step: str | int = "latest", *,

@@ -56,8 +56,9 @@ def build(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Se
     mesh = make_mesh(config.mesh, devices)
     rules = rules_from_config(config.mesh.rules)
     model_cfg = ModelConfig.from_mapping(config.model)
-    model = families.build(model_cfg)
-    tx, lr_schedule = optimizer.make(config.opt, config.train.steps)
+    model = families.build_for(model_cfg, config.train.objective,
+                               len(config.data.task.labels), config.finetune.head_dropout)
+    tx, lr_schedule = optimizer.make(config.opt, config.train.steps, config.finetune)
     with activate(mesh, rules):
         shardings = state_lib.shardings(model, model_cfg, tx, mesh, rules)
     return Setup(config, model_cfg, model, mesh, rules, tx, lr_schedule, shardings,

@@ -24,7 +24,7 @@ class TrainState:
 
 
 def _init_params_boxed(model: nn.Module, cfg: ModelConfig, rng: jax.Array) -> Any:
-    return model.init(rng, *families.init_inputs(cfg))["params"]
+    return model.init(rng, *families.init_inputs(cfg, model=model))["params"]
 
 
 def shardings(model: nn.Module, cfg: ModelConfig, tx: optax.GradientTransformation,
