@@ -40,10 +40,12 @@ def validate(cfg: ConfigDict, devices: Sequence[jax.Device] | None = None) -> No
            f"size), got {cfg.model.vocab_size}")
     model = ModelConfig.from_mapping(cfg.model, vocab_size=cfg.model.vocab_size or 1)
     family = families.family(model)
-    trained = objective.carriers or (objective.family,)
+    trained = (f"model.family of {objective.carriers}" if objective.carriers else
+               f"model.family={objective.family!r} model")
     _check(families.trains(train.objective, model.family),
-           f"train.objective={train.objective!r} trains a model.family of {trained}, not "
-           f"model.family={model.family!r}; set --config.model.family={trained[0]}, or an "
+           f"train.objective={train.objective!r} trains a {trained}, not "
+           f"model.family={model.family!r}; set --config.model.family="
+           f"{(objective.carriers or (objective.family,))[0]}, or an "
            f"objective for {model.family!r} models: "
            f"{', '.join(families.objectives_of(model.family))}")
     data_config.check(data, train.objective)
@@ -123,9 +125,10 @@ def _check_finetune(cfg: ConfigDict) -> None:
            "finetune.patience counts evaluations: set eval.every > 0")
     needs_head = families.objective(objective).head is not None
     _check(needs_head or (ft.mode == "full" and not ft.unfreeze_after and not ft.unfreeze_every),
-           f"finetune.mode=frozen and unfreezing train a head on a frozen backbone; "
-           f"train.objective={objective} has no head (the whole model writes the text), so "
-           "use finetune.mode=full (with finetune.layer_lr_decay if you like)")
+           f"finetune.mode={ft.mode!r}, finetune.unfreeze_after={ft.unfreeze_after}, "
+           f"finetune.unfreeze_every={ft.unfreeze_every}: freezing trains a head on a frozen "
+           f"backbone, but train.objective={objective} has no head (the whole model writes "
+           "the text); use finetune.mode=full, unfreezing 0 (layer_lr_decay still applies)")
 
 
 def _check_lengths(cfg: ConfigDict, model: ModelConfig) -> None:

@@ -1,0 +1,302 @@
+"""Fine-tuning: a backbone run under a task head, the modes, the tasks' data, metrics and errors.
+
+The labelled data is real: records derived from the standard library (data/derived.py), written
+to JSONL and CoNLL files as a user's would be.
+"""
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from data import derived, tasks
+from data.tokenizer import BOS, EOS, Tokenizer
+from errors import CheckpointError, ConfigError, DataError
+from model.config import ModelConfig
+from model.sharding import activate
+from train import families, layerwise, optimizer, state as state_lib
+from train.config import validate
+from train.evaluation import evaluate as evaluate_lib
+from train.finetune import predict
+from train.loop import read_metrics, train
+from train.setup import build
+
+LABELS = ("email", "importlib", "xml")
+
+
+def _records(name, keep=lambda r: True, limit=10_000):
+    out = []
+    for _, text in derived.documents(name):
+        record = json.loads(text)
+        record.pop("_where")
+        if keep(record):
+            out.append(record)
+    return out[:limit]
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """classify train/dev JSONL over three packages, and a CoNLL tagging file."""
+    root = tmp_path_factory.mktemp("task")
+    rows = _records("docstring_package", lambda r: r["label"] in LABELS)
+    conll = "".join("".join(f"{w}\t{t}\n" for w, t in zip(r["tokens"], r["tags"])) + "\n"
+                    for r in _records("token_types", limit=160))
+    (root / "tags.conll").write_text(conll)
+    return {"train": _write_jsonl(root / "train.jsonl", rows[:-40]),
+            "dev": _write_jsonl(root / "dev.jsonl", rows[-40:]),
+            "conll": str(root / "tags.conll"), "root": root}
+
+
+@pytest.fixture(scope="module")
+def backbone(data_dir, tokenizer_path, tmp_path_factory):
+    """A tiny pretrained decoder run (scanned layers)."""
+    from conftest import tiny_config
+    workdir = tmp_path_factory.mktemp("backbone")
+    config = tiny_config(data_dir, tokenizer_path)
+    config.train.steps = 4
+    train(config, workdir, progress=False)
+    return workdir
+
+
+def task_config(config, files, objective="classify", **finetune):
+    config.train.update(objective=objective, steps=4)
+    config.data.update(source="task_files", paths=(files["train"],),
+                       eval_paths=(files["dev"],), max_docs=0)
+    config.data.tokenizer.path = ""
+    config.finetune.update({"eval_examples": 16, **finetune})
+    config.eval.update(every=2, steps=2)
+    config.ckpt.update(every=2)
+    return config
+
+
+def _params(workdir, step="latest"):
+    from train.restore import restore
+    return jax.device_get(restore(workdir, step).params)
+
+
+def test_frozen_finetune_keeps_the_backbone_has_no_state_for_it_and_resumes_exactly(
+        config, files, backbone, tmp_path):
+    task_config(config, files, init_from=f"{backbone}@best", mode="frozen")
+    train(config, tmp_path / "straight", progress=False)
+    train(config, tmp_path / "resumed", progress=False, stop_after=2)
+    train(config, tmp_path / "resumed", progress=False)
+    straight, resumed = _params(tmp_path / "straight"), _params(tmp_path / "resumed")
+    assert jax.tree.all(jax.tree.map(np.array_equal, straight, resumed))   # exact resume
+    # the backbone is bit-identical to the pretrained run's; the head trained
+    pretrained = _params(backbone, "best")
+    kept = jax.tree.map(np.array_equal, straight["backbone"],
+                        {k: pretrained[k] for k in straight["backbone"]})
+    assert jax.tree.all(kept)
+    assert json.loads((tmp_path / "straight" / "labels.json").read_text()) == list(LABELS)
+    # no optimizer state for frozen leaves: the moments hold exactly the head's two copies
+    from train.restore import restore
+    run = restore(tmp_path / "straight")
+    opt_state = jax.eval_shape(run.setup.tx.init, run.params)
+    head = sum(x.size for x in jax.tree.leaves(straight["head"]))
+    assert sum(x.size for x in jax.tree.leaves(opt_state) if x.ndim) == 2 * head
+    # train.eval --predictions: one line per dev example, metrics recomputed from the lines
+    out = tmp_path / "preds.jsonl"
+    record = evaluate_lib.run(tmp_path / "straight", "best", predictions=out)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == 40 and set(lines[0]) == {"input", "gold", "prediction", "score"}
+    accuracy = np.mean([x["gold"] == x["prediction"] for x in lines])
+    (only,) = record.values()
+    assert only["accuracy"] == pytest.approx(accuracy)
+    # an eval file with a label the train file lacks is one clear error
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"text": "Parse a URL.", "label": "urllib"}])
+    with pytest.raises(DataError, match=r"bad.jsonl:1 .*label 'urllib'.*train split"):
+        evaluate_lib.run(tmp_path / "straight", config_args=[f"--config.data.eval_paths={bad}"])
+
+
+def _tx_and_params(**finetune):
+    cfg = ModelConfig.create(vocab_size=64, d_model=16, n_heads=2, n_layers=3, d_ff=32,
+                             dtype="float32", scan_layers=True)
+    model = families.build_for(cfg, "classify", 3)
+    params = jax.jit(lambda: model.init(jax.random.PRNGKey(0),
+                                        *families.init_inputs(cfg, model=model))["params"])()
+    params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
+                          is_leaf=lambda x: hasattr(x, "unbox"))
+    ft = dict(mode="full", unfreeze_after=0, unfreeze_every=0, layer_lr_decay=1.0) | finetune
+    opt = dict(lr=1e-2, schedule="constant", warmup_steps=0, min_lr_ratio=1.0, b1=0.9, b2=0.95,
+               eps=1e-12, weight_decay=0.0, clip_norm=0.0, grad_accum=1)
+    tx, _ = optimizer.make(opt, 100, ft)
+    return tx, params
+
+
+def _updates(tx, params, steps):
+    """Per step, the update of every leaf under all-ones gradients."""
+    state, out = tx.init(params), []
+    grads = jax.tree.map(np.ones_like, params)
+    for _ in range(steps):
+        updates, state = tx.update(grads, state, params)
+        out.append(jax.device_get(updates))
+    return out, state
+
+
+def test_gradual_unfreezing_opens_one_scanned_block_every_k_steps():
+    tx, params = _tx_and_params(unfreeze_every=2)
+    steps, _ = _updates(tx, params, 9)
+    depth, total = layerwise.depths(params)
+    assert total == 3
+    for s, u in enumerate(steps):
+        qkv = u["backbone"]["layers"]["attn"]["query"]["kernel"]         # [layers, ...]
+        for layer in range(3):
+            opens = (total - (layer + 1) + 1) * 2                      # top block at 2
+            assert bool(np.any(qkv[layer] != 0)) == (s >= opens), (s, layer)
+        assert bool(np.any(u["backbone"]["embed"]["embedding"] != 0)) == (s >= 8)
+        assert np.all(u["head"]["out"]["kernel"] != 0)                 # the head from step 0
+
+
+def test_unfreeze_after_and_layer_lr_decay_scale_the_updates():
+    tx, params = _tx_and_params(unfreeze_after=3)
+    steps, _ = _updates(tx, params, 5)
+    for s, u in enumerate(steps):
+        backbone = jax.tree.leaves(u["backbone"])
+        assert all(bool(np.any(x != 0)) == (s >= 3) for x in backbone), s
+    tx, params = _tx_and_params(layer_lr_decay=0.5)
+    (u,), _ = _updates(tx, params, 1)
+    qkv = np.abs(u["backbone"]["layers"]["attn"]["query"]["kernel"])
+    per_layer = qkv.reshape(3, -1).mean(axis=1)
+    np.testing.assert_allclose(per_layer / per_layer[-1], [0.25, 0.5, 1.0], rtol=1e-5)
+    embed = np.abs(u["backbone"]["embed"]["embedding"]).mean()
+    np.testing.assert_allclose(embed / per_layer[-1], 0.125, rtol=1e-5)
+    np.testing.assert_allclose(np.abs(u["head"]["out"]["kernel"]).mean() / per_layer[-1], 1.0,
+                               rtol=1e-5)
+
+
+def test_frozen_mode_keeps_no_optimizer_state_for_the_backbone():
+    tx, params = _tx_and_params(mode="frozen")
+    steps, state = _updates(tx, params, 2)
+    assert all(not np.any(x) for x in jax.tree.leaves(steps[-1]["backbone"]))
+    n_state = sum(x.size for x in jax.tree.leaves(state) if np.ndim(x))
+    assert n_state == 2 * sum(x.size for x in jax.tree.leaves(params["head"]))
+
+
+def test_sharded_finetune_step_equals_the_one_device_step(config):
+    config.train.objective = "classify"
+    config.data.source = "stdlib_task"
+    config.data.task.labels = LABELS
+    config.model.vocab_size = 128
+    results = []
+    for mesh, devices in ((dict(data=2, fsdp=2, tensor=2), jax.devices()),
+                          (dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])):
+        config.mesh.update(mesh)
+        validate(config, devices)
+        setup = build(config, devices)
+        with activate(setup.mesh, setup.rules):
+            state = state_lib.init(setup.model, setup.model_cfg, setup.tx,
+                                   setup.state_shardings, 0)
+            if len(devices) > 1:     # the head is laid out by the logical rules
+                pooler = state.params["head"]["pooler"]["kernel"].sharding.spec
+                assert pooler == PartitionSpec("fsdp", None)
+            state, _ = setup.train_step()(state, families.synthetic_batch(
+                config, setup.batch_sharding))
+            results.append(jax.device_get(state.params))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6), *results)
+
+
+def test_tag_rows_label_the_first_piece_of_each_word(tokenizer_path):
+    tok = Tokenizer.load(tokenizer_path)
+    make = tasks.TaskRows("tag", tok, "cls", ("O", "B-ATTR", "I-ATTR"), 32, 32)
+    record = {"tokens": ["os", ".", "path_joinery"], "tags": ["B-ATTR", "I-ATTR", "I-ATTR"]}
+    row = make(json.dumps(record))
+    pieces = make.word_pieces(record["tokens"])
+    firsts = np.cumsum([1] + [len(p) for p in pieces[:-1]])           # after [CLS]
+    assert len(pieces[2]) > 1                                          # a multi-piece word
+    assert list(np.flatnonzero(row["tag_weights"])) == list(firsts)
+    assert list(row["tags"][firsts]) == [1, 2, 2]
+    t2t = tasks.TaskRows("text2text", tok, "seq2seq", (), 16, 8)(
+        json.dumps({"input": "a b", "target": "c"}))
+    target = tok.encode("c")
+    assert list(t2t["decoder_inputs"][:len(target) + 1]) == [BOS] + target
+    assert list(t2t["decoder_targets"][:len(target) + 1]) == target + [EOS]
+
+
+def test_tagging_from_conll_and_generation_end_to_end(config, files, backbone, tmp_path):
+    task_config(config, files, "tag", init_from=str(backbone))
+    config.data.update(paths=(files["conll"],), eval_paths=(), validation_percent=20.0)
+    result = train(config, tmp_path / "tag", progress=False)
+    assert {"f1", "precision", "recall", "accuracy"} <= set(result)
+    assert result["examples"] == 16 and 0 <= result["f1"] <= 1
+    gen = tmp_path / "gen"
+    rows = [{"input": r["input"], "target": r["target"]} for r in _records("signature")][:96]
+    task_config(config, {"train": _write_jsonl(tmp_path / "g.jsonl", rows[:80]),
+                         "dev": _write_jsonl(tmp_path / "gd.jsonl", rows[80:])},
+                "text2text", init_from=str(backbone), max_new_tokens=4, eval_examples=8)
+    result = train(config, gen, progress=False)
+    assert {"exact_match", "bleu", "chrf", "rougeL"} <= set(result)
+    evals = [r for r in read_metrics(gen) if r.get("split") == "eval"]
+    assert [r["step"] for r in evals] == [2, 4]
+
+
+def test_metrics_match_hand_computed_values():
+    tag = [{"gold": ["B-ATTR", "I-ATTR", "O", "B-KW"], "prediction": ["B-ATTR", "O", "O", "B-KW"]},
+           {"gold": ["B-NAME"], "prediction": ["B-NAME"]}]
+    m = predict.metrics("tag", tag)
+    # gold entities: ATTR(0-1), KW(3), NAME(0); predicted: ATTR(0), KW(3), NAME(0): 2 of 3
+    assert (m["precision"], m["recall"]) == pytest.approx((2 / 3, 2 / 3))
+    assert m["accuracy"] == pytest.approx(4 / 5) and m["per_type"]["ATTR"]["f1-score"] == 0
+    cls = [{"gold": g, "prediction": p} for g, p in (("a", "a"), ("a", "b"), ("b", "b"))]
+    m = predict.metrics("classify", cls, ("a", "b"))
+    # a: tp 1 fp 0 fn 1 -> F1 2/3; b: tp 1 fp 1 fn 0 -> 2/3
+    assert m["accuracy"] == pytest.approx(2 / 3) and m["macro_f1"] == pytest.approx(2 / 3)
+    gen = [{"gold": "split(self, sep)", "prediction": "split(self, sep)"},
+           {"gold": "join(a, b)", "prediction": "join(a)"}]
+    m = predict.metrics("text2text", gen)
+    assert m["exact_match"] == 0.5
+    import sacrebleu
+    assert m["bleu"] == pytest.approx(sacrebleu.corpus_bleu(
+        ["split(self, sep)", "join(a)"], [["split(self, sep)", "join(a, b)"]]).score)
+    # ROUGE-L of "join(a)" vs "join(a, b)": rouge-score's tokens join, a / join, a, b -> LCS 2
+    assert m["rougeL"] == pytest.approx((1.0 + 2 * 2 / 5) / 2)
+
+
+def test_bad_task_input_is_one_clear_error(config, files, backbone, tmp_path):
+    no_label = _write_jsonl(tmp_path / "nolabel.jsonl", [{"text": "Parse."}, {"text": "x"}])
+    task_config(config, {"train": no_label, "dev": files["dev"]})
+    with pytest.raises(DataError, match=r"nolabel.jsonl:[12] has no field 'label'"):
+        train(config, tmp_path / "a", progress=False)
+    unknown = _write_jsonl(tmp_path / "unknown.jsonl", [{"text": "Parse a URL.",
+                                                         "label": "urllib"}])
+    task_config(config, {"train": files["train"], "dev": unknown})
+    with pytest.raises(DataError, match=r"unknown.jsonl:1 \(validation split\) has label "
+                                        r"'urllib'"):
+        train(config, tmp_path / "b", progress=False)
+    (tmp_path / "bad.conll").write_text("os\tB-NAME\npath\n")
+    task_config(config, {"train": str(tmp_path / "bad.conll"), "dev": str(tmp_path / "bad.conll")},
+                "tag")
+    with pytest.raises(DataError, match=r"bad.conll:2: CoNLL line 'path' has no tag"):
+        train(config, tmp_path / "c", progress=False)
+    task_config(config, files, init_from=str(tmp_path))
+    with pytest.raises(CheckpointError, match="is not a Loom run directory"):
+        train(config, tmp_path / "d", progress=False)
+    task_config(config, files, "text2text")
+    config.model.family = "encoder"
+    with pytest.raises(ConfigError, match=r"text2text.*trains a model.family of \('decoder', "
+                                          r"'encoder_decoder'\)"):
+        validate(config)
+    config.model.family = "decoder"
+    task_config(config, files, init_from=str(backbone))
+    other = tmp_path / "other.model"
+    Tokenizer.load(backbone / "tokenizer.model")   # the backbone's vocabulary is readable
+    from data import tokenizer as tokenizer_lib
+    from pydoc_data.topics import topics
+    tokenizer_lib.train(iter(topics.values()), vocab_size=600, max_chars=200_000).save(other)
+    config.data.tokenizer.path = str(other)
+    with pytest.raises(ConfigError, match="not the vocabulary of the backbone"):
+        train(config, tmp_path / "e", progress=False)
+    # the CLI prints such an error as one line and exits 2
+    proc = subprocess.run([sys.executable, "-m", "train", "--config", "configs/finetune_classify.py",
+                           "--workdir", str(tmp_path / "f"),
+                           f"--config.finetune.init_from={tmp_path}"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: finetune.init_from=")
