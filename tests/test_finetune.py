@@ -230,11 +230,57 @@ def test_tagging_from_conll_and_generation_end_to_end(config, files, backbone, t
     rows = [{"input": r["input"], "target": r["target"]} for r in _records("signature")][:96]
     task_config(config, {"train": _write_jsonl(tmp_path / "g.jsonl", rows[:80]),
                          "dev": _write_jsonl(tmp_path / "gd.jsonl", rows[80:])},
-                "text2text", init_from=str(backbone), max_new_tokens=4, eval_examples=8)
+                "text2text", init_from=str(backbone), max_new_tokens=4, eval_examples=8,
+                mode="lora", lora_targets=("query", "value", "wo"))
     result = train(config, gen, progress=False)
     assert {"exact_match", "bleu", "chrf", "rougeL"} <= set(result)
     evals = [r for r in read_metrics(gen) if r.get("split") == "eval"]
     assert [r["step"] for r in evals] == [2, 4]
+    # a LoRA run restores merged (what train.generate and export use): plain params, same eval
+    from train.decoding.generate import generate_run
+    from train.decoding.options import Options
+    from train.restore import restore
+    run = restore(gen)
+    assert "lora" not in run.params and run.config.finetune.mode == "full"
+    (only,) = evaluate_lib.run(gen, steps=2).values()
+    assert only["loss"] == pytest.approx(evals[-1]["loss"], rel=1e-5)
+    (text,) = generate_run(gen, "latest", ["Return the name."], options=Options("greedy"),
+                           max_new_tokens=3)
+    assert text.startswith("Return the name.")
+
+
+def test_lora_trains_only_adapters_and_the_merged_model_gives_the_same_logits(config):
+    from train import lora
+    config.train.objective = "classify"
+    config.data.source = "stdlib_task"
+    config.data.task.labels = LABELS
+    config.model.vocab_size = 128
+    config.finetune.update(mode="lora", lora_rank=2, lora_targets=("query", "out", "wi"))
+    setup = build(config)
+    batch = families.synthetic_batch(config, setup.batch_sharding)
+    with activate(setup.mesh, setup.rules):
+        state = state_lib.init(setup.model, setup.model_cfg, setup.tx, setup.state_shardings, 0)
+        before = jax.device_get(state.params)
+        for _ in range(2):
+            state, _ = setup.train_step()(state, batch)
+        after = jax.device_get(state.params)
+        opt = jax.eval_shape(setup.tx.init, state.params)
+        trained = sum(x.size for k in ("lora", "head") for x in jax.tree.leaves(after[k]))
+        assert sum(x.size for x in jax.tree.leaves(opt) if x.ndim) == 2 * trained
+        assert jax.tree.all(jax.tree.map(np.array_equal, before["backbone"], after["backbone"]))
+        assert not np.array_equal(before["lora"]["backbone/layers/attn/query/kernel"]["b"],
+                                  after["lora"]["backbone/layers/attn/query/kernel"]["b"])
+        args = (batch["inputs"], batch["positions"], batch["segment_ids"], batch["type_ids"])
+        adapted = setup.model.apply({"params": state.params}, *args)
+        merged = lora.merge(state.params, config.finetune.lora_alpha / 2)
+        assert "lora" not in merged
+        plain = setup.model.inner.apply({"params": merged}, *args)
+        np.testing.assert_allclose(np.asarray(adapted), np.asarray(plain), rtol=1e-6, atol=1e-6)
+        # the adapters did change the function: the backbone alone gives other logits
+        unadapted = dict(state.params)
+        unadapted.pop("lora")
+        assert not np.allclose(np.asarray(setup.model.inner.apply({"params": unadapted}, *args)),
+                               np.asarray(plain), atol=1e-6)
 
 
 def test_metrics_match_hand_computed_values():

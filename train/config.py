@@ -92,7 +92,7 @@ def validate(cfg: ConfigDict, devices: Sequence[jax.Device] | None = None) -> No
     _check_mesh(cfg, devices)
 
 
-FINETUNE_MODES = ("full", "frozen")
+FINETUNE_MODES = ("full", "frozen", "lora")
 TASK_METRICS = {"classify": ("loss", "accuracy", "macro_f1"),
                 "tag": ("loss", "accuracy", "f1", "precision", "recall"),
                 "text2text": ("loss", "exact_match", "bleu", "chrf", "rougeL")}
@@ -105,6 +105,11 @@ def _check_finetune(cfg: ConfigDict) -> None:
            f"{FINETUNE_MODES}")
     for key in ("unfreeze_after", "unfreeze_every", "patience", "eval_examples"):
         _check(ft[key] >= 0, f"finetune.{key} must be >= 0 (0 = off), got {ft[key]}")
+    _check(ft.lora_rank >= 1, f"finetune.lora_rank must be >= 1, got {ft.lora_rank}")
+    _check(ft.lora_alpha > 0, f"finetune.lora_alpha must be positive, got {ft.lora_alpha}")
+    _check(bool(ft.lora_targets) and all(isinstance(t, str) and t for t in ft.lora_targets),
+           f"finetune.lora_targets={tuple(ft.lora_targets)!r}: name projections, e.g. "
+           "query,value")
     _check(ft.max_new_tokens >= 1, f"finetune.max_new_tokens must be >= 1, got "
            f"{ft.max_new_tokens}")
     _check(0 < ft.layer_lr_decay <= 1, f"finetune.layer_lr_decay must be in (0, 1] (1 = off), "
@@ -124,7 +129,7 @@ def _check_finetune(cfg: ConfigDict) -> None:
     _check(not ft.patience or bool(cfg.eval.every),
            "finetune.patience counts evaluations: set eval.every > 0")
     needs_head = families.objective(objective).head is not None
-    _check(needs_head or (ft.mode == "full" and not ft.unfreeze_after and not ft.unfreeze_every),
+    _check(needs_head or (ft.mode != "frozen" and not ft.unfreeze_after and not ft.unfreeze_every),
            f"finetune.mode={ft.mode!r}, finetune.unfreeze_after={ft.unfreeze_after}, "
            f"finetune.unfreeze_every={ft.unfreeze_every}: freezing trains a head on a frozen "
            f"backbone, but train.objective={objective} has no head (the whole model writes "

@@ -17,7 +17,7 @@ from configs.loader import apply_overrides
 from data.tokenizer import MODEL_FILE, Tokenizer, check_tokenizer
 from errors import CheckpointError
 from model.sharding import activate
-from train import state as state_lib
+from train import lora, state as state_lib
 from train.checkpoint import Checkpointer
 from train.config import validate
 from train.setup import Setup, build
@@ -91,6 +91,10 @@ def restore(workdir: str | Path, step: str | int = "latest", *,
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             _param_shapes(setup), setup.state_shardings.params)
     params = Checkpointer(workdir, read_only=True).restore_params(resolved, abstract)
+    if config.finetune.mode == "lora":   # adapters merged: the plain model from here on
+        params = lora.merge(params, config.finetune.lora_alpha / config.finetune.lora_rank)
+        config.finetune.mode = "full"
+        setup = build(config, devices)
     return Restored(setup=setup, params=params, tokenizer=tokenizer, step=resolved,
                     workdir=workdir)
 

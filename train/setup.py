@@ -19,7 +19,7 @@ from data.tokenizer import Tokenizer, check_tokenizer
 from errors import ConfigError
 from model.config import ModelConfig
 from model.sharding import Rules, activate, batch_sharding, make_mesh, rules_from_config
-from train import families, optimizer, state as state_lib, step as step_lib, synthetic
+from train import families, lora, optimizer, state as state_lib, step as step_lib, synthetic
 
 
 @dataclasses.dataclass
@@ -61,6 +61,9 @@ def build(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Se
     n_labels = len(config.data.task.labels) or synthetic.N_SYNTHETIC_LABELS
     model = families.build_for(model_cfg, config.train.objective, n_labels,
                                config.finetune.head_dropout)
+    if config.finetune.mode == "lora":
+        model = lora.LoraModel(model, config.finetune.lora_rank, config.finetune.lora_alpha,
+                               tuple(config.finetune.lora_targets))
     tx, lr_schedule = optimizer.make(config.opt, config.train.steps, config.finetune)
     with activate(mesh, rules):
         shardings = state_lib.shardings(model, model_cfg, tx, mesh, rules)
