@@ -142,7 +142,9 @@ HELP = {
     "finetune.init_from": "backbone to start from: a Loom run dir (latest), DIR@best, DIR@STEP, "
                           "or a Hugging Face dir (as train.export from-hf); '' = from scratch",
     "finetune.mode": "full | frozen (backbone frozen, head trains; no optimizer state for it) | "
-                     "lora (low-rank adapters on finetune.lora_targets + the head train)",
+                     "lora (low-rank adapters on finetune.lora_targets + the head train) | "
+                     "prompt (soft prompt + head train, the whole backbone frozen)",
+    "finetune.prompt_length": "prompt: trained vectors read before every input (classify, tag)",
     "finetune.lora_rank": "lora: rank r of each adapter",
     "finetune.lora_alpha": "lora: the adapters' update is scaled by alpha / r",
     "finetune.lora_targets": "lora: names of the projections adapted (query, key, value, out, "
@@ -204,7 +206,7 @@ def get_config() -> ConfigDict:
         every=1000, steps=20, sample_prompt="def ", sample_tokens=64, sample_temperature=0.7,
     ))
     c.finetune = ConfigDict(dict(
-        init_from="", mode="full", lora_rank=8, lora_alpha=16.0,
+        init_from="", mode="full", prompt_length=16, lora_rank=8, lora_alpha=16.0,
         lora_targets=("query", "value"), unfreeze_after=0, unfreeze_every=0, layer_lr_decay=1.0,
         head_dropout=0.1, metric="", patience=0, eval_examples=0, max_new_tokens=32,
     ))

@@ -75,10 +75,15 @@ class TaskModel(nn.Module):
     kind: str                        # one of HEADS
     n_labels: int
     dropout: float = 0.1
+    n_prompt: int = 0                # soft-prompt vectors read before the tokens (0 = none)
     n_inputs: ClassVar[int] = 1      # token arrays `init` needs, whatever the family
 
     def setup(self):
         self.backbone = self.backbone_module(self.cfg)
+        if self.n_prompt:
+            self.prompt = self.param("prompt", nn.with_logical_partitioning(
+                nn.initializers.normal(self.cfg.init_std), (None, "embed")),
+                (self.n_prompt, self.cfg.d_model), self.cfg.weights_dtype)
         make = ClassifierHead if self.kind == "classify" else TokenHead
         self.head = make(self.cfg, self.n_labels, self.dropout)
 
@@ -90,8 +95,9 @@ class TaskModel(nn.Module):
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1], dtype=jnp.int32),
                                              tokens_BxT.shape)
+        extra = {"prompt_PxD": self.prompt} if self.n_prompt else {}
         h_BxTxD = self.features(self.backbone, tokens_BxT, positions_BxT, segment_ids_BxT,
-                                type_ids_BxT, train)
+                                type_ids_BxT, train, **extra)
         if self.kind == "classify":
             return self.head(pool(h_BxTxD, segment_ids_BxT, self.pooling), train=train)
         return self.head(h_BxTxD, train=train)

@@ -25,6 +25,7 @@ from train.loop import read_metrics, train
 from train.setup import build
 
 LABELS = ("email", "importlib", "xml")
+SYNTHETIC_LABELS = ("a", "b", "c", "d")     # train/synthetic.py's classify batches use 4
 
 
 def _records(name, keep=lambda r: True, limit=10_000):
@@ -183,7 +184,7 @@ def test_frozen_mode_keeps_no_optimizer_state_for_the_backbone():
 def test_sharded_finetune_step_equals_the_one_device_step(config):
     config.train.objective = "classify"
     config.data.source = "stdlib_task"
-    config.data.task.labels = LABELS
+    config.data.task.labels = SYNTHETIC_LABELS
     config.model.vocab_size = 128
     results = []
     for mesh, devices in ((dict(data=2, fsdp=2, tensor=2), jax.devices()),
@@ -197,8 +198,9 @@ def test_sharded_finetune_step_equals_the_one_device_step(config):
             if len(devices) > 1:     # the head is laid out by the logical rules
                 pooler = state.params["head"]["pooler"]["kernel"].sharding.spec
                 assert pooler == PartitionSpec("fsdp", None)
-            state, _ = setup.train_step()(state, families.synthetic_batch(
+            state, metrics = setup.train_step()(state, families.synthetic_batch(
                 config, setup.batch_sharding))
+            assert np.isfinite(float(metrics["loss"]))
             results.append(jax.device_get(state.params))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6), *results)
 
@@ -253,7 +255,7 @@ def test_lora_trains_only_adapters_and_the_merged_model_gives_the_same_logits(co
     from train import lora
     config.train.objective = "classify"
     config.data.source = "stdlib_task"
-    config.data.task.labels = LABELS
+    config.data.task.labels = SYNTHETIC_LABELS
     config.model.vocab_size = 128
     config.finetune.update(mode="lora", lora_rank=2, lora_targets=("query", "out", "wi"))
     setup = build(config)
@@ -346,3 +348,24 @@ def test_bad_task_input_is_one_clear_error(config, files, backbone, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: finetune.init_from=")
+
+
+@pytest.mark.parametrize("family", ["decoder", "encoder", "encoder_decoder"])
+def test_prompt_tuning_changes_only_the_prompt_and_head_on_every_family(config, family):
+    config.train.objective = "classify"
+    config.data.source = "stdlib_task"
+    config.data.task.labels = SYNTHETIC_LABELS
+    config.model.update(family=family, vocab_size=128, n_decoder_layers=1)
+    config.finetune.update(mode="prompt", prompt_length=4)
+    config.opt.update(warmup_steps=0, weight_decay=0.0)
+    setup = build(config)
+    batch = families.synthetic_batch(config, setup.batch_sharding)
+    with activate(setup.mesh, setup.rules):
+        state = state_lib.init(setup.model, setup.model_cfg, setup.tx, setup.state_shardings, 0)
+        before = jax.device_get(state.params)
+        state, metrics = setup.train_step()(state, batch)
+        after = jax.device_get(state.params)
+    assert before["prompt"].shape == (4, config.model.d_model)
+    assert not np.array_equal(before["prompt"], after["prompt"])
+    assert jax.tree.all(jax.tree.map(np.array_equal, before["backbone"], after["backbone"]))
+    assert np.isfinite(float(metrics["loss"]))

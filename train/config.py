@@ -92,7 +92,7 @@ def validate(cfg: ConfigDict, devices: Sequence[jax.Device] | None = None) -> No
     _check_mesh(cfg, devices)
 
 
-FINETUNE_MODES = ("full", "frozen", "lora")
+FINETUNE_MODES = ("full", "frozen", "lora", "prompt")
 TASK_METRICS = {"classify": ("loss", "accuracy", "macro_f1"),
                 "tag": ("loss", "accuracy", "f1", "precision", "recall"),
                 "text2text": ("loss", "exact_match", "bleu", "chrf", "rougeL")}
@@ -105,6 +105,11 @@ def _check_finetune(cfg: ConfigDict) -> None:
            f"{FINETUNE_MODES}")
     for key in ("unfreeze_after", "unfreeze_every", "patience", "eval_examples"):
         _check(ft[key] >= 0, f"finetune.{key} must be >= 0 (0 = off), got {ft[key]}")
+    _check(ft.prompt_length >= 1, f"finetune.prompt_length must be >= 1, got "
+           f"{ft.prompt_length}")
+    _check(ft.mode != "prompt" or families.objective(objective).head is not None,
+           f"finetune.mode=prompt tunes a soft prompt under a task head (classify, tag), not "
+           f"train.objective={objective}")
     _check(ft.lora_rank >= 1, f"finetune.lora_rank must be >= 1, got {ft.lora_rank}")
     _check(ft.lora_alpha > 0, f"finetune.lora_alpha must be positive, got {ft.lora_alpha}")
     _check(bool(ft.lora_targets) and all(isinstance(t, str) and t for t in ft.lora_targets),

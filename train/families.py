@@ -113,16 +113,17 @@ def _encoder_decoder_flops(cfg: ModelConfig, n_params: int, seq_len: int,
     return (matmuls + attention) / t
 
 
-def _decoder_features(m, tokens, positions, segments, types, train):
-    return m(tokens, positions, segments, train=train, hidden=True)
+# (module, tokens, positions, segment ids, type ids, train, **soft prompt) -> h_BxTxD
+def _decoder_features(m, tokens, positions, segments, types, train, **prompt):
+    return m(tokens, positions, segments, train=train, hidden=True, **prompt)
 
 
-def _encoder_features(m, tokens, positions, segments, types, train):
-    return m.encode(tokens, positions, segments, types, train=train)
+def _encoder_features(m, tokens, positions, segments, types, train, **prompt):
+    return m.encode(tokens, positions, segments, types, train=train, **prompt)
 
 
-def _t5_features(m, tokens, positions, segments, types, train):
-    return m.encode(tokens, positions, segments, train=train)
+def _t5_features(m, tokens, positions, segments, types, train, **prompt):
+    return m.encode(tokens, positions, segments, train=train, **prompt)
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -200,7 +201,7 @@ def build(cfg: ModelConfig, *, decode: bool = False) -> nn.Module:
 
 
 def build_for(cfg: ModelConfig, objective_name: str, n_labels: int = 0,
-              head_dropout: float = 0.0) -> nn.Module:
+              head_dropout: float = 0.0, n_prompt: int = 0) -> nn.Module:
     """The module an objective trains: the family's own, or a TaskModel with the task's head."""
     o = objective(objective_name)
     if o.head is None:
@@ -209,7 +210,11 @@ def build_for(cfg: ModelConfig, objective_name: str, n_labels: int = 0,
     if f.features is None:
         raise ConfigError(f"a model.family={f.name!r} backbone cannot carry a {o.head} head; "
                           f"use one of {o.carriers}")
-    return TaskModel(cfg, f.module, f.features, f.pooling, o.head, n_labels, head_dropout)
+    if n_prompt and f.name == "electra":
+        raise ConfigError("finetune.mode=prompt works on decoder, encoder and encoder_decoder "
+                          "backbones, not electra")
+    return TaskModel(cfg, f.module, f.features, f.pooling, o.head, n_labels, head_dropout,
+                     n_prompt)
 
 
 def init_inputs(cfg: ModelConfig, batch: int = 1, length: int = 8,

@@ -7,7 +7,8 @@ blocks (final norms, LM heads). A task head (params under "head") is not part of
 With `nn.scan` stacks a block's parameters are one slice of a leaf's leading "layers" axis, so
 depths, scales and gates are arrays over that axis rather than one number per leaf.
 
-- frozen (and lora, which trains its adapters with the head): backbone leaves are `optax.set_to_zero()` in an `optax.multi_transform`, so they get
+- frozen (and lora / prompt, which train their adapters / soft prompt with the head): backbone
+  leaves are `optax.set_to_zero()` in an `optax.multi_transform`, so they get
   no optimizer state at all (the head's AdamW sees only the head).
 - unfreeze_after=N: backbone updates are multiplied by 0 before step N, by 1 from then on.
 - unfreeze_every=K: a leaf of depth d trains from step (L - d + 1) * K: the top block and the
@@ -29,6 +30,8 @@ import numpy as np
 import optax
 
 EMBEDDINGS = {"embed", "embeddings", "pos", "type_embed"}
+# top-level params that train in the frozen modes: the task head, LoRA adapters, a soft prompt
+TRAINED_WHEN_FROZEN = ("head", "lora", "prompt")
 _UNROLLED = re.compile(r"^layers_(\d+)$")
 
 
@@ -51,7 +54,7 @@ def _stack(path) -> tuple[str, int | None] | None:
 def is_head(path) -> bool:
     """A task head's leaf (or a LoRA adapter's: neither is part of the backbone's depth)."""
     keys = _keys(path)
-    return bool(keys) and keys[0] in ("head", "lora")
+    return bool(keys) and keys[0] in TRAINED_WHEN_FROZEN
 
 
 def _stack_sizes(tree: Any) -> dict[str, int]:
@@ -123,16 +126,15 @@ def by_depth(unfreeze_after: int, unfreeze_every: int, decay: float
 
 
 def trainable_labels(params: Any) -> Any:
-    """"train" for the head and LoRA adapters (params["lora"]), "frozen" for the backbone."""
+    """"train" for TRAINED_WHEN_FROZEN, "frozen" for the backbone."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: "train" if is_head(path) or _keys(path)[:1] == ["lora"] else "frozen",
-        params)
+        lambda path, _: "train" if is_head(path) else "frozen", params)
 
 
 def finetune_transform(tx: optax.GradientTransformation, ft: Mapping[str, Any]
                        ) -> optax.GradientTransformation:
     """`tx` under the mode of a `finetune` config section."""
-    if ft["mode"] in ("frozen", "lora"):
+    if ft["mode"] in ("frozen", "lora", "prompt"):
         return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
                                      trainable_labels)
     if ft["unfreeze_after"] or ft["unfreeze_every"] or ft["layer_lr_decay"] != 1.0:

@@ -59,8 +59,9 @@ def build(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Se
     # labels are resolved from the train split when a run starts (train/finetune/backbone.py);
     # unresolved (benchmarks, shape checks) the head fits the synthetic batches' labels
     n_labels = len(config.data.task.labels) or synthetic.N_SYNTHETIC_LABELS
-    model = families.build_for(model_cfg, config.train.objective, n_labels,
-                               config.finetune.head_dropout)
+    ft = config.finetune
+    model = families.build_for(model_cfg, config.train.objective, n_labels, ft.head_dropout,
+                               ft.prompt_length if ft.mode == "prompt" else 0)
     if config.finetune.mode == "lora":
         model = lora.LoraModel(model, config.finetune.lora_rank, config.finetune.lora_alpha,
                                tuple(config.finetune.lora_targets))
