@@ -369,3 +369,22 @@ def test_prompt_tuning_changes_only_the_prompt_and_head_on_every_family(config, 
     assert not np.array_equal(before["prompt"], after["prompt"])
     assert jax.tree.all(jax.tree.map(np.array_equal, before["backbone"], after["backbone"]))
     assert np.isfinite(float(metrics["loss"]))
+
+
+def test_keep_best_and_early_stopping_follow_finetune_metric(config):
+    from train.finetune import selection
+    config.train.objective = "classify"
+    evals = [{"loss": 1.0, "accuracy": 0.5}, {"loss": 0.9, "accuracy": 0.4},
+             {"loss": 0.8, "accuracy": 0.45}]
+    values = [selection.selection_value(config, e) for e in evals]
+    assert values == [-0.5, -0.4, -0.45]          # the checkpointer keeps the lowest: step 1
+    config.finetune.metric = "loss"
+    assert [selection.selection_value(config, e) for e in evals] == [1.0, 0.9, 0.8]
+    stopping = selection.EarlyStopping(patience=2)
+    assert [stopping.stop(v) for v in values] == [False, False, True]
+    assert not any(selection.EarlyStopping(0).stop(v) for v in values)
+    config.finetune.metric = "bleu"
+    config.data.source = "stdlib_task"
+    with pytest.raises(ConfigError, match="finetune.metric='bleu' is not a metric of "
+                                          "train.objective=classify"):
+        validate(config)
