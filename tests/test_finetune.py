@@ -388,3 +388,30 @@ def test_keep_best_and_early_stopping_follow_finetune_metric(config):
     with pytest.raises(ConfigError, match="finetune.metric='bleu' is not a metric of "
                                           "train.objective=classify"):
         validate(config)
+
+
+def test_k_shot_choices_put_seeded_demonstrations_before_each_item(backbone, tmp_path):
+    from train.evaluation import choices
+    from train.restore import restore
+    rows = _records("docstring_package", lambda r: r["label"] in LABELS)[:6]
+    items = [{"context": r["text"] + " Package:", "continuations": [" " + x for x in LABELS],
+              "label": LABELS.index(r["label"])} for r in rows]
+    path = _write_jsonl(tmp_path / "pkg.jsonl", items)
+    read = choices.read_items(path)
+    shot = choices.with_shots(read, read, 2, seed=3)
+    for item, original in zip(shot, read):
+        demos = item.context[:-len(original.context)].split(choices.DEMO_SEPARATOR)[:-1]
+        assert len(demos) == 2 and item.context.endswith(original.context)
+        assert not any(d.startswith(original.context) for d in demos)   # never itself
+    assert shot == choices.with_shots(read, read, 2, seed=3)             # seeded
+    assert shot != choices.with_shots(read, read, 2, seed=4)
+    with pytest.raises(DataError, match="--shots 6 needs 6 demonstrations"):
+        choices.with_shots(read, read, 6)
+    # --shots K scores exactly the zero-shot scores of the prompts with the demos written out
+    (record,) = evaluate_lib.run(backbone, choices=[path], shots=2, shot_seed=3).values()
+    written = _write_jsonl(tmp_path / "written.jsonl", [
+        {"context": s.context, "continuations": list(s.continuations), "label": s.label}
+        for s in shot])
+    (zero,) = evaluate_lib.run(backbone, choices=[written]).values()
+    assert record["loglik"] == pytest.approx(zero["loglik"], rel=1e-6)
+    assert record["accuracy"] == zero["accuracy"]

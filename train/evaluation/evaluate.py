@@ -115,12 +115,19 @@ def _tag(*parts: str) -> str:
 def run(workdir: str | Path, step: str | int = "latest", *, split: str | None = None,
         steps: int | None = None, choices: Sequence[str] = (), config_args: Sequence[str] = (),
         devices: Sequence[jax.Device] | None = None,
-        predictions: str | Path | None = None) -> dict[str, dict[str, Any]]:
+        predictions: str | Path | None = None, shots: int = 0, demos: str | None = None,
+        shot_seed: int = 0) -> dict[str, dict[str, Any]]:
     """Evaluates a checkpoint of `workdir` (see the module docstring); returns the records
     written, by name ("eval/<dataset>/<split>", "choices/<file stem>"). A fine-tuned run's
     record adds the task metrics over every record of the split (train/finetune/predict.py),
-    and `predictions` names a JSONL file for one line per example."""
+    and `predictions` names a JSONL file for one line per example. `shots` > 0 puts that many
+    demonstrations (from `demos`, default each choices file itself, drawn by `shot_seed`) before
+    every choices item (choices.with_shots)."""
     tasks = [(path, choices_lib.read_items(path)) for path in choices]  # fail before restoring
+    if shots or demos:   # k-shot: demonstrations from the demo file (default: the task's own)
+        tasks = [(path, choices_lib.with_shots(
+            items, choices_lib.read_items(demos) if demos else items, shots, shot_seed))
+            for path, items in tasks]
     if tasks:   # a family that writes no text cannot score continuations
         choices_lib.prompting(saved_config(workdir, step)[0].model.family)
     restored = restore(workdir, step, config_args=config_args, devices=devices)
