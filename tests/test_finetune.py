@@ -415,3 +415,48 @@ def test_k_shot_choices_put_seeded_demonstrations_before_each_item(backbone, tmp
     (zero,) = evaluate_lib.run(backbone, choices=[written]).values()
     assert record["loglik"] == pytest.approx(zero["loglik"], rel=1e-6)
     assert record["accuracy"] == zero["accuracy"]
+
+
+def test_lm_eval_harness_loglikelihoods_equal_loom_choices_scores(backbone, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")    # the task's data is a local JSONL file
+    pytest.importorskip("lm_eval")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from train.evaluation import choices
+    from train.evaluation.harness import LoomLM
+    rows = _records("docstring_package", lambda r: r["label"] in LABELS)[:5]
+    docs = [{"text": r["text"], "choices": list(LABELS), "gold": LABELS.index(r["label"])}
+            for r in rows]
+    data = _write_jsonl(tmp_path / "pkg_docs.jsonl", docs)
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    (tasks_dir / "pkg.yaml").write_text(f"""task: loom_pkg
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{text}}}} Package:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: gold
+metric_list:
+  - metric: acc
+""")
+    model = LoomLM(workdir=str(backbone))
+    out = lm_eval.simple_evaluate(model=model, tasks=["loom_pkg"], log_samples=True,
+                                  task_manager=TaskManager(include_path=str(tasks_dir)))
+    harness = {s["doc_id"]: [float(r[0][0]) for r in s["resps"]]
+               for s in out["samples"]["loom_pkg"]}
+    items = _write_jsonl(tmp_path / "pkg_choices.jsonl", [
+        {"context": d["text"] + " Package:", "continuations": [" " + c for c in LABELS],
+         "label": d["gold"]} for d in docs])
+    from train.restore import restore
+    run = restore(backbone)
+    with activate(run.setup.mesh, run.setup.rules):
+        scores = choices.score_items(run, choices.read_items(items))
+    for i, s in enumerate(scores):
+        np.testing.assert_allclose(harness[i], s.loglik, rtol=1e-5)
+    (only,) = evaluate_lib.run(backbone, choices=[items]).values()
+    assert out["results"]["loom_pkg"]["acc,none"] == pytest.approx(only["accuracy"])
