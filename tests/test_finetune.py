@@ -460,3 +460,18 @@ metric_list:
         np.testing.assert_allclose(harness[i], s.loglik, rtol=1e-5)
     (only,) = evaluate_lib.run(backbone, choices=[items]).values()
     assert out["results"]["loom_pkg"]["acc,none"] == pytest.approx(only["accuracy"])
+
+
+def test_init_from_a_hugging_face_directory(config, files, backbone, tmp_path):
+    pytest.importorskip("transformers")
+    from train.hf.convert import export
+    export(backbone, tmp_path / "hf")
+    task_config(config, files, init_from=str(tmp_path / "hf"), mode="frozen")
+    config.train.steps = 2
+    train(config, tmp_path / "run", progress=False)
+    imported = _params(tmp_path / "run" / "backbone")       # imported once, as a Loom run
+    tuned = _params(tmp_path / "run")
+    assert jax.tree.all(jax.tree.map(np.array_equal, tuned["backbone"],
+                                     {k: imported[k] for k in tuned["backbone"]}))
+    np.testing.assert_allclose(imported["embed"]["embedding"],
+                               _params(backbone)["embed"]["embedding"], rtol=1e-6)
