@@ -4,7 +4,8 @@ One prediction per record: {"input", "gold", "prediction", "score"} — classify
 its probability; tag: the tags of the words that fit in data.seq_len and the mean probability
 of the predicted tags; text2text: the greedy generation and its sentence chrF. Metrics:
 
-  classify   accuracy, macro_f1 (mean over the train labels of per-label F1)
+  classify   accuracy, macro_f1 (mean over the train labels of per-label F1), and per label
+             the gold / predicted / correct counts
   tag        entity-level precision / recall / f1 (seqeval, BIO/IOB2), per-type report, and
              word accuracy
   text2text  exact_match, bleu and chrf (sacrebleu, corpus level), rougeL (rouge-score, mean F)
@@ -117,14 +118,16 @@ def metrics(task: str, predictions: Sequence[dict[str, Any]],
     if task == "classify":
         gold = [p["gold"] for p in predictions]
         pred = [p["prediction"] for p in predictions]
-        f1s = []
+        f1s, per_label = [], {}
         for label in labels or sorted(set(gold)):
             tp = sum(g == label == q for g, q in zip(gold, pred))
             fp = sum(q == label != g for g, q in zip(gold, pred))
             fn = sum(g == label != q for g, q in zip(gold, pred))
             f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+            per_label[label] = {"gold": tp + fn, "predicted": tp + fp, "correct": tp,
+                                "f1": f1s[-1]}
         return {"accuracy": sum(g == q for g, q in zip(gold, pred)) / n,
-                "macro_f1": float(np.mean(f1s)), "examples": n}
+                "macro_f1": float(np.mean(f1s)), "per_label": per_label, "examples": n}
     if task == "tag":
         from seqeval.metrics import classification_report, f1_score, precision_score, \
             recall_score   # deferred: only tagging needs it
