@@ -59,8 +59,8 @@ HELP = {
                               "0 = n_layers",
     "model.generator_scale": "electra: generator d_model/heads/d_ff as a fraction of the "
                              "discriminator's (paper: 1/4 to 1/2)",
-    "data.source": "python_stdlib (offline corpus) | text_files (data.paths) | tfds (data.tfds_name)"
-                   " | task_files (labelled JSONL/CoNLL, data.paths) | stdlib_task "
+    "data.source": "python_stdlib (offline corpus) | text_files (data.paths) | tfds "
+                   "(data.tfds_name) | task_files (labelled JSONL/CoNLL, data.paths) | stdlib_task "
                    "(data.task.derived)",
     "data.paths": "globs of .txt/.jsonl/source files for source=text_files",
     "data.tfds_name": "name of a tfds dataset prepared in data.data_dir, for source=tfds",
@@ -151,12 +151,14 @@ HELP = {
                              "wi, wo)",
     "finetune.unfreeze_after": "frozen for this many steps, then the whole model trains; 0 = off",
     "finetune.unfreeze_every": "gradual unfreezing: the top block (and final norm) unfreezes at "
-                               "K steps, one more block below every K steps, embeddings last; 0 = off",
+                               "K steps, one more block below every K steps, embeddings last; "
+                               "0 = off",
     "finetune.layer_lr_decay": "layer-wise LR decay: block l of L gets lr*decay^(L-l), embeddings "
                                "decay^L, head and final norm lr; 1 = off",
     "finetune.head_dropout": "dropout before the classification/tagging head",
     "finetune.metric": "validation metric for keep-best and early stopping: loss | accuracy | "
-                       "macro_f1 | f1 | exact_match | bleu | chrf | rougeL; '' = the task's default",
+                       "macro_f1 | f1 | exact_match | bleu | chrf | rougeL; '' = the task's "
+                       "default (accuracy, f1, chrf)",
     "finetune.patience": "early stopping: evaluations without improvement of finetune.metric "
                          "before the run stops; 0 = off",
     "finetune.eval_examples": "examples scored for the task metrics at each eval; 0 = all",

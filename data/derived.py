@@ -3,8 +3,8 @@ machine), as JSON records in the formats of data/tasks.py (`data.source=stdlib_t
 `data.task.derived=NAME`):
 
 - `docstring_package` (classify): the first paragraph of the docstring of each public top-level
-  function, class or method (read with `ast`, nothing imported) -> the top-level package it comes from, over the
-  PACKAGES below (e.g. `email/utils.py` -> "email").
+  function, class or method (read with `ast`, nothing imported) -> the top-level package it
+  comes from, over the PACKAGES below (e.g. `email/utils.py` -> "email").
 - `token_types` (tag): each source line of the modules of those packages, cut into `tokenize`
   tokens (comments and layout tokens left out), tagged in BIO: a dotted attribute chain
   (`os.path.join`: NAME . NAME . NAME) is one ATTR entity over its tokens, keywords KW, other

@@ -342,8 +342,8 @@ def test_bad_task_input_is_one_clear_error(config, files, backbone, tmp_path):
     with pytest.raises(ConfigError, match="not the vocabulary of the backbone"):
         train(config, tmp_path / "e", progress=False)
     # the CLI prints such an error as one line and exits 2
-    proc = subprocess.run([sys.executable, "-m", "train", "--config", "configs/finetune_classify.py",
-                           "--workdir", str(tmp_path / "f"),
+    proc = subprocess.run([sys.executable, "-m", "train", "--config",
+                           "configs/finetune_classify.py", "--workdir", str(tmp_path / "f"),
                            f"--config.finetune.init_from={tmp_path}"],
                           capture_output=True, text=True)
     assert proc.returncode == 2
