@@ -59,7 +59,9 @@ HELP = {
                               "0 = n_layers",
     "model.generator_scale": "electra: generator d_model/heads/d_ff as a fraction of the "
                              "discriminator's (paper: 1/4 to 1/2)",
-    "data.source": "python_stdlib (offline corpus) | text_files (data.paths) | tfds (data.tfds_name)",
+    "data.source": "python_stdlib (offline corpus) | text_files (data.paths) | tfds "
+                   "(data.tfds_name) | task_files (labelled JSONL/CoNLL, data.paths) | stdlib_task "
+                   "(data.task.derived)",
     "data.paths": "globs of .txt/.jsonl/source files for source=text_files",
     "data.tfds_name": "name of a tfds dataset prepared in data.data_dir, for source=tfds",
     "data.text_field": "feature holding the text (tfds datasets, .jsonl files)",
@@ -94,6 +96,14 @@ HELP = {
     "data.mlm.sentence_pairs": "mlm: none | nsp (50% random next) | sop (50% swapped order)",
     "data.spans.noise_density": "span_corruption: share of tokens hidden in spans",
     "data.spans.mean_length": "span_corruption: mean length of a hidden span",
+    "data.eval_paths": "explicit evaluation files (globs) for source=task_files; empty = carve "
+                       "validation from data.paths by hash (data.validation_percent)",
+    "data.task.derived": "source=stdlib_task: docstring_package (classify) | token_types (tag) | "
+                         "signature (text2text), derived from the Python standard library",
+    "data.task.labels": "classify/tag: the label set in id order; () = built from the train "
+                        "split (sorted) and stored in the run's config",
+    "data.task.layout": "task rows: auto (from model.family) | cls ([CLS] text [SEP]) | causal "
+                        "([BOS] text; input then target) | seq2seq (input to the encoder)",
     "data.tokenizer.path": "sentencepiece .model file; '' = train one on the train split",
     "data.tokenizer.vocab_size": "vocabulary size when training a tokenizer",
     "data.tokenizer.model_type": "unigram | bpe, when training a tokenizer",
@@ -119,7 +129,8 @@ HELP = {
     "train.steps": "optimizer steps in the whole run",
     "train.seed": "seed of parameter init and dropout",
     "train.objective": "clm (decoder) | mlm (encoder; + NSP/SOP given sentence pairs) | electra "
-                       "(electra) | span_corruption, prefix_lm (encoder_decoder)",
+                       "(electra) | span_corruption, prefix_lm (encoder_decoder) | tasks: "
+                       "classify, tag (any family), text2text (decoder, encoder_decoder)",
     "train.z_loss": "coefficient of the log(Z)^2 auxiliary loss; 0 = off",
     "train.log_every": "steps between metric logs",
     "train.peak_tflops": "device peak TFLOP/s for MFU; 0 = look up a known accelerator",
@@ -133,6 +144,30 @@ HELP = {
     "eval.sample_prompt": "prompt of the text sample printed after training; '' = none",
     "eval.sample_tokens": "tokens generated for that sample",
     "eval.sample_temperature": "sampling temperature for that sample; 0 = greedy",
+    "finetune.init_from": "backbone to start from: a Loom run dir (latest), DIR@best, DIR@STEP, "
+                          "or a Hugging Face dir (as train.export from-hf); '' = from scratch",
+    "finetune.mode": "full | frozen (backbone frozen, head trains; no optimizer state for it) | "
+                     "lora (low-rank adapters on finetune.lora_targets + the head train) | "
+                     "prompt (soft prompt + head train, the whole backbone frozen)",
+    "finetune.prompt_length": "prompt: trained vectors read before every input (classify, tag)",
+    "finetune.lora_rank": "lora: rank r of each adapter",
+    "finetune.lora_alpha": "lora: the adapters' update is scaled by alpha / r",
+    "finetune.lora_targets": "lora: names of the projections adapted (query, key, value, out, "
+                             "wi, wo)",
+    "finetune.unfreeze_after": "frozen for this many steps, then the whole model trains; 0 = off",
+    "finetune.unfreeze_every": "gradual unfreezing: the top block (and final norm) unfreezes at "
+                               "K steps, one more block below every K steps, embeddings last; "
+                               "0 = off",
+    "finetune.layer_lr_decay": "layer-wise LR decay: block l of L gets lr*decay^(L-l), embeddings "
+                               "decay^L, head and final norm lr; 1 = off",
+    "finetune.head_dropout": "dropout before the classification/tagging head",
+    "finetune.metric": "validation metric for keep-best and early stopping: loss | accuracy | "
+                       "macro_f1 | f1 | exact_match | bleu | chrf | rougeL; '' = the task's "
+                       "default (accuracy, f1, chrf)",
+    "finetune.patience": "early stopping: evaluations without improvement of finetune.metric "
+                         "before the run stops; 0 = off",
+    "finetune.eval_examples": "examples scored for the task metrics at each eval; 0 = all",
+    "finetune.max_new_tokens": "text2text: tokens generated per example when scoring",
     "ckpt.every": "steps between checkpoints; 0 = only at the end",
     "ckpt.keep": "most recent checkpoints kept",
     "ckpt.keep_best": "checkpoints with the lowest eval loss kept besides those",
@@ -154,13 +189,14 @@ def get_config() -> ConfigDict:
     c.data = ConfigDict(dict(
         source="python_stdlib", paths=(), tfds_name="", text_field="text", mixture=(),
         data_dir="", train_split="train", eval_split="validation", validation_percent=2.0,
-        max_docs=0, seq_len=1024, target_len=0, batch_size=32, packing=True, shuffle_seed=0,
-        interleave=64, shuffle_window=1024, num_epochs=0, worker_count=0,
+        max_docs=0, eval_paths=(), seq_len=1024, target_len=0, batch_size=32, packing=True,
+        shuffle_seed=0, interleave=64, shuffle_window=1024, num_epochs=0, worker_count=0,
         clean=ConfigDict(dict(normalize="NFC", strip_control=True, collapse_whitespace=False,
                               min_chars=1, max_chars=0, dedup=True)),
         mlm=ConfigDict(dict(rate=0.15, mask_fraction=0.8, random_fraction=0.1, whole_word=False,
                             sentence_pairs="none")),
         spans=ConfigDict(dict(noise_density=0.15, mean_length=3.0)),
+        task=ConfigDict(dict(derived="docstring_package", labels=(), layout="auto")),
         tokenizer=ConfigDict(dict(path="", vocab_size=8192, model_type="unigram",
                                   sample_chars=5_000_000, character_coverage=0.9995,
                                   fingerprint="")),
@@ -176,6 +212,11 @@ def get_config() -> ConfigDict:
     c.train.update(nonfinite="halt", preempt_grace_s=30.0)   # surviving faults (train/preempt.py)
     c.eval = ConfigDict(dict(
         every=1000, steps=20, sample_prompt="def ", sample_tokens=64, sample_temperature=0.7,
+    ))
+    c.finetune = ConfigDict(dict(
+        init_from="", mode="full", prompt_length=16, lora_rank=8, lora_alpha=16.0,
+        lora_targets=("query", "value"), unfreeze_after=0, unfreeze_every=0, layer_lr_decay=1.0,
+        head_dropout=0.1, metric="", patience=0, eval_examples=0, max_new_tokens=32,
     ))
     c.ckpt = ConfigDict(dict(every=1000, keep=3, keep_best=1, async_save=True))
     return c

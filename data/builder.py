@@ -19,11 +19,12 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.proto import tf_example_pb2
 
-from data import cleaning, sources
+from data import cleaning, derived, sources
 from data.mixture import Source
 from errors import DataError
 
 SPLITS = ("train", "validation")
+TASK_RECORDS_VERSION = 1   # bump when data/derived.py or sources.task_files change their records
 log = logging.getLogger(__name__)
 
 
@@ -34,6 +35,8 @@ class CorpusConfig(tfds.core.BuilderConfig):
     text_field: str = "text"
     validation_percent: float = 2.0
     max_docs: int = 0
+    eval_paths: tuple[str, ...] = ()   # task_files: the validation split is these files
+    derived: str = ""                  # stdlib_task: data/derived.py's task
 
 
 class LocalCorpus(tfds.core.GeneratorBasedBuilder):
@@ -69,6 +72,11 @@ class LocalCorpus(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split: str):
         cfg: CorpusConfig = self.builder_config
+        if cfg.eval_paths:   # explicit evaluation files: no split by hash
+            paths = cfg.eval_paths if split == "validation" else cfg.paths
+            for key, text in sources.task_files(paths):
+                yield key, {"key": key, "text": text}
+            return
         for i, (key, text) in enumerate(_documents(cfg)):
             if cfg.max_docs and i >= cfg.max_docs:
                 break
@@ -89,23 +97,35 @@ def in_validation(text: str, percent: float) -> bool:
 def _documents(cfg: CorpusConfig):
     if cfg.source == "python_stdlib":
         return sources.python_stdlib()
+    if cfg.source == "stdlib_task":
+        return derived.documents(cfg.derived)
+    if cfg.source == "task_files":
+        return sources.task_files(cfg.paths)
     return sources.text_files(cfg.paths, cfg.text_field)
 
 
 def corpus_config(source: Source, data_cfg: Mapping[str, Any]) -> CorpusConfig:
     """The builder config of a local source, named by a fingerprint of its inputs."""
-    if source.kind == "python_stdlib":
+    if source.kind in ("python_stdlib", "stdlib_task"):
         fingerprint = sources.python_stdlib_fingerprint()
     else:
         if not sources.expand(source.paths):
             raise DataError(f"data.paths {list(source.paths)} match no files; check the paths "
                             "or globs")
         fingerprint = sources.files_fingerprint(source.paths)
+        if source.eval_paths:
+            if not sources.expand(source.eval_paths):
+                raise DataError(f"data.eval_paths {list(source.eval_paths)} match no files; "
+                                "check the paths or globs")
+            fingerprint += sources.files_fingerprint(source.eval_paths)
     spec = (source.kind, source.paths, source.text_field,
             float(data_cfg["validation_percent"]), int(data_cfg["max_docs"]), fingerprint)
+    if source.kind in ("task_files", "stdlib_task"):
+        spec += (source.eval_paths, source.derived, TASK_RECORDS_VERSION)
     digest = hashlib.sha256(repr(spec).encode()).hexdigest()[:12]
     return CorpusConfig(name=f"{source.kind}_{digest}", source=source.kind, paths=source.paths,
-                        text_field=source.text_field,
+                        text_field=source.text_field, eval_paths=source.eval_paths,
+                        derived=source.derived,
                         validation_percent=float(data_cfg["validation_percent"]),
                         max_docs=int(data_cfg["max_docs"]))
 

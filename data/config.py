@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from configs.loader import flat_items, number_problem
-from data import masking, mixture, span_corruption, tokenizer
+from data import derived, masking, mixture, span_corruption, tasks, tokenizer
 from data.cleaning import CleanConfig
 from errors import DataError
 
@@ -70,6 +70,32 @@ def check(data_cfg: Mapping[str, Any], objective: str) -> None:
             raise DataError(f"data.{key} must name a split, e.g. train or validation")
     _check_tokenizer(data_cfg["tokenizer"])
     target_length(data_cfg, objective)
+    _check_task(data_cfg, objective)
+
+
+def _check_task(data_cfg: Mapping[str, Any], objective: str) -> None:
+    """Labelled-task objectives read labelled sources, and those only feed them."""
+    task = data_cfg["task"]
+    if task["layout"] not in ("auto",) + tasks.LAYOUTS:
+        raise DataError(f"data.task.layout={task['layout']!r}: choose one of "
+                        f"{('auto',) + tasks.LAYOUTS}")
+    if task["derived"] not in derived.DERIVED:
+        raise DataError(f"data.task.derived={task['derived']!r}: choose one of {derived.DERIVED}")
+    kinds = {s.kind for s in mixture.sources(data_cfg)}
+    if objective in tasks.TASKS:
+        if not kinds <= set(mixture.TASK_KINDS):
+            raise DataError(f"train.objective={objective} reads labelled records: set "
+                            "data.source=task_files (data.paths) or stdlib_task, not "
+                            f"{sorted(kinds)}")
+        if data_cfg["source"] == "stdlib_task" and derived.TASK_OF[task["derived"]] != objective:
+            raise DataError(f"data.task.derived={task['derived']} is a "
+                            f"{derived.TASK_OF[task['derived']]} task, not {objective}; choose "
+                            f"one of {[d for d, t in derived.TASK_OF.items() if t == objective]}")
+    elif kinds & set(mixture.TASK_KINDS):
+        raise DataError(f"data.source={data_cfg['source']} holds labelled records for the task "
+                        f"objectives {tasks.TASKS}, not train.objective={objective}")
+    if data_cfg["eval_paths"] and data_cfg["source"] != "task_files":
+        raise DataError("data.eval_paths are for data.source=task_files")
 
 
 def _check_tokenizer(tok: Mapping[str, Any]) -> None:

@@ -15,7 +15,9 @@ import grain
 
 from errors import DataError
 
-KINDS = ("python_stdlib", "text_files", "tfds")
+KINDS = ("python_stdlib", "text_files", "tfds", "task_files", "stdlib_task")
+# labelled task sources (data/tasks.py): one JSON record per document
+TASK_KINDS = ("task_files", "stdlib_task")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,12 +28,17 @@ class Source:
     tfds_name: str = ""
     text_field: str = "text"
     weight: float = 1.0
+    eval_paths: tuple[str, ...] = ()     # task_files: explicit validation files
+    derived: str = ""                    # stdlib_task: which derived task
 
     @property
     def name(self) -> str:
         if self.kind == "tfds":
             return f"tfds:{self.tfds_name}"
-        return self.kind if self.kind == "python_stdlib" else f"text_files:{','.join(self.paths)}"
+        if self.kind == "stdlib_task":
+            return f"stdlib_task:{self.derived}"
+        return self.kind if self.kind == "python_stdlib" else \
+            f"{self.kind}:{','.join(self.paths)}"
 
 
 def parse_spec(spec: str, weight: float, text_field: str) -> Source:
@@ -59,14 +66,18 @@ def sources(data_cfg: Mapping[str, Any]) -> list[Source]:
     if not mixture:
         if data_cfg["source"] not in KINDS:
             raise DataError(f"data.source={data_cfg['source']!r}: choose one of {KINDS}")
-        if data_cfg["source"] == "text_files" and not paths:
-            raise DataError("data.source=text_files needs data.paths (globs of text files), "
-                            "e.g. --config.data.paths='docs/*.txt'")
+        if data_cfg["source"] in ("text_files", "task_files") and not paths:
+            raise DataError(f"data.source={data_cfg['source']} needs data.paths (globs of "
+                            "files), e.g. --config.data.paths='docs/*.txt'")
         if data_cfg["source"] == "tfds" and not data_cfg["tfds_name"]:
             raise DataError("data.source=tfds needs data.tfds_name, e.g. "
                             "--config.data.tfds_name=lm1b (or c4/en:3.1.0)")
+        task = data_cfg.get("task") or {}
         return [Source(kind=data_cfg["source"], paths=tuple(paths),
-                       tfds_name=data_cfg["tfds_name"], text_field=data_cfg["text_field"])]
+                       tfds_name=data_cfg["tfds_name"], text_field=data_cfg["text_field"],
+                       eval_paths=tuple(data_cfg.get("eval_paths", ())),
+                       derived=task.get("derived", "") if data_cfg["source"] == "stdlib_task"
+                       else "")]
     parsed = []
     for entry in mixture:
         if not (isinstance(entry, (tuple, list)) and len(entry) == 2

@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding
 
 from data import builder as builder_lib
 from data import config as data_config
-from data import masking, mixture, packing, shuffling, span_corruption
+from data import masking, mixture, packing, shuffling, span_corruption, tasks
 from data import tokenizer as tokenizer_lib
 from data.cleaning import CleanConfig
 from data.interleave import InterleaveExamples
@@ -126,6 +126,12 @@ def _prefix_lm_rows(docs, partners, tokenizer, data_cfg, cycle_length):
         packing_rows=data_cfg["packing"])
 
 
+def _task_rows(task):
+    def rows(docs, partners, tokenizer, data_cfg, cycle_length):
+        return docs.map(tasks.task_rows(task, tokenizer, data_cfg)).to_iter_dataset()
+    return rows
+
+
 # objective -> (its documents, partner documents, tokenizer, data config, interleave) -> rows
 ROWS: dict[str, Callable[..., grain.IterDataset]] = {
     "clm": _clm_rows,
@@ -133,7 +139,13 @@ ROWS: dict[str, Callable[..., grain.IterDataset]] = {
     "electra": _mlm_rows,     # the generator's masked inputs; the objective does the rest
     "span_corruption": _span_corruption_rows,
     "prefix_lm": _prefix_lm_rows,
+    **{task: _task_rows(task) for task in tasks.TASKS},   # labelled tasks: one example a row
 }
+
+
+def task_records(data_cfg: Mapping[str, Any], split: str) -> list[dict[str, Any]]:
+    """Every record of a labelled task's split (cleaned, in storage order), parsed."""
+    return [tasks.parse(text) for text in documents(data_cfg, split)]
 
 
 def local_batches(data_cfg: Mapping[str, Any], tokenizer: Tokenizer, split: str, *,

@@ -119,3 +119,61 @@ def files_fingerprint(patterns: Sequence[str]) -> str:
         st = os.stat(name)
         h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
+
+
+def task_files(patterns: Sequence[str]) -> Iterator[Document]:
+    """Labelled records, one JSON object per document, each with `_where` (file:line) so later
+    errors can name it: a `.jsonl` line as it is; a CoNLL file (any other name: `token<TAB or
+    space>tag` per line, the tag in the last column, a blank line between sentences) as one
+    {"tokens": [...], "tags": [...]} record per sentence."""
+    files = expand(patterns)
+    if not files:
+        raise DataError(f"data.paths {list(patterns)} match no files; check the paths or globs")
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+    for name in files:
+        shown = Path(os.path.relpath(os.path.abspath(name), root)).as_posix()
+        records = _jsonl_records(name) if name.endswith(".jsonl") else _conll_records(name)
+        for line, record in records:
+            record["_where"] = f"{name}:{line}"
+            yield f"{shown}:{line}", json.dumps(record, ensure_ascii=False, sort_keys=True)
+
+
+def _jsonl_records(name: str) -> Iterator[tuple[int, dict]]:
+    with open(name, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{name}:{i} is not valid UTF-8 ({e.reason} at byte {e.start} "
+                                "of the line); re-encode the file") from e
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{name}:{i} is not valid JSON ({e.msg})") from e
+            if not isinstance(record, dict):
+                raise DataError(f"{name}:{i} is a JSON {type(record).__name__}, not an object "
+                                "with the task's fields")
+            yield i, record
+
+
+def _conll_records(name: str) -> Iterator[tuple[int, dict]]:
+    try:
+        lines = Path(name).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise _not_utf8(name, e) from e
+    tokens, tags, start = [], [], 1
+    for i, line in enumerate(lines + [""], 1):
+        if not line.strip() or line.startswith("-DOCSTART-"):
+            if tokens:
+                yield start, {"tokens": tokens, "tags": tags}
+            tokens, tags, start = [], [], i + 1
+            continue
+        columns = line.split()
+        if len(columns) < 2:
+            raise DataError(f"{name}:{i}: CoNLL line {line.strip()!r} has no tag; write "
+                            "'token<TAB>tag' (the tag in the last column), or use a .jsonl "
+                            "file of {\"tokens\": [...], \"tags\": [...]}")
+        tokens.append(columns[0])
+        tags.append(columns[-1])

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 
 from model.attention import Attention
 from model.config import ModelConfig
-from model.layers import Mlp, PositionEmbedding, constrain, dense, norm, stack, token_embedding
+from model.layers import (Mlp, PositionEmbedding, constrain, dense, norm, prepend_prompt, stack,
+                          token_embedding)
 
 
 def residual_std(cfg: ModelConfig) -> float:
@@ -48,7 +49,10 @@ class DecoderLM(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
-                 segment_ids_BxT: jax.Array | None = None, *, train: bool = False) -> jax.Array:
+                 segment_ids_BxT: jax.Array | None = None, *, train: bool = False,
+                 hidden: bool = False, prompt_PxD: jax.Array | None = None) -> jax.Array:
+        """Logits, or with `hidden=True` the final-normed hidden states h_BxTxD (task heads);
+        `prompt_PxD` is a soft prompt read before the tokens (model.layers.prepend_prompt)."""
         cfg = self.cfg
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
@@ -56,9 +60,16 @@ class DecoderLM(nn.Module):
         x_BxTxD = PositionEmbedding(cfg, name="pos")(embed(tokens_BxT), positions_BxT)
         x_BxTxD = nn.Dropout(cfg.dropout, deterministic=not train)(x_BxTxD)
         x_BxTxD = constrain(x_BxTxD, ("batch", "seq", "act_embed"))
+        if prompt_PxD is not None:
+            x_BxTxD, positions_BxT, segment_ids_BxT = prepend_prompt(
+                prompt_PxD, x_BxTxD, positions_BxT, segment_ids_BxT)
         x_BxTxD = stack(cfg, DecoderBlock, cfg.n_layers, x_BxTxD, positions_BxT, segment_ids_BxT,
                         decode=self.decode, deterministic=not train)
         x_BxTxD = norm(cfg, "final_norm")(x_BxTxD)
+        if prompt_PxD is not None:
+            x_BxTxD = x_BxTxD[:, prompt_PxD.shape[0]:]
+        if hidden:
+            return x_BxTxD
         if cfg.tie_embeddings:
             logits_BxTxV = embed.attend(x_BxTxD)
         else:

@@ -51,10 +51,11 @@ class Discriminator(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
-                 segment_ids_BxT: jax.Array | None, *, train: bool) -> jax.Array:
+                 segment_ids_BxT: jax.Array | None, *, train: bool,
+                 hidden: bool = False) -> jax.Array:
         h_BxTxD = EncoderStack(self.cfg, name="encoder")(x_BxTxD, positions_BxT, segment_ids_BxT,
                                                           train=train)
-        return RtdHead(self.cfg, name="rtd_head")(h_BxTxD)
+        return h_BxTxD if hidden else RtdHead(self.cfg, name="rtd_head")(h_BxTxD)
 
 
 class ElectraLM(nn.Module):
@@ -89,6 +90,14 @@ class ElectraLM(nn.Module):
                              ) -> jax.Array:
         x_BxTxD, positions_BxT = self._embed(tokens_BxT, positions_BxT, type_ids_BxT, train)
         return self.discriminator(x_BxTxD, positions_BxT, segment_ids_BxT, train=train)
+
+    def encode(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
+               segment_ids_BxT: jax.Array | None = None, type_ids_BxT: jax.Array | None = None,
+               *, train: bool = False) -> jax.Array:
+        """The discriminator's hidden states h_BxTxD (what fine-tuning heads read)."""
+        x_BxTxD, positions_BxT = self._embed(tokens_BxT, positions_BxT, type_ids_BxT, train)
+        return self.discriminator(x_BxTxD, positions_BxT, segment_ids_BxT, train=train,
+                                  hidden=True)
 
     def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
                  segment_ids_BxT: jax.Array | None = None, type_ids_BxT: jax.Array | None = None,

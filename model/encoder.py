@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from model.attention import Attention
 from model.config import ModelConfig
 from model.decoder import residual_std
-from model.layers import Mlp, PositionEmbedding, constrain, dense, norm, stack, token_embedding
+from model.layers import (Mlp, PositionEmbedding, constrain, dense, norm, prepend_prompt, stack,
+                          token_embedding)
 
 
 def default_positions(tokens_BxT: jax.Array) -> jax.Array:
@@ -144,11 +145,15 @@ class EncoderLM(nn.Module):
 
     def encode(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
                segment_ids_BxT: jax.Array | None = None, type_ids_BxT: jax.Array | None = None,
-               *, train: bool = False) -> jax.Array:
+               *, train: bool = False, prompt_PxD: jax.Array | None = None) -> jax.Array:
         if positions_BxT is None:
             positions_BxT = default_positions(tokens_BxT)
         x_BxTxD = self.embeddings(tokens_BxT, positions_BxT, type_ids_BxT, train=train)
-        return self.encoder(x_BxTxD, positions_BxT, segment_ids_BxT, train=train)
+        if prompt_PxD is None:
+            return self.encoder(x_BxTxD, positions_BxT, segment_ids_BxT, train=train)
+        h_BxTxD = self.encoder(*prepend_prompt(prompt_PxD, x_BxTxD, positions_BxT,
+                                               segment_ids_BxT), train=train)
+        return h_BxTxD[:, prompt_PxD.shape[0]:]
 
     def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
                  segment_ids_BxT: jax.Array | None = None, type_ids_BxT: jax.Array | None = None,

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from model.attention import Attention
 from model.config import ModelConfig
 from model.encoder import EncoderStack, default_positions
-from model.layers import Mlp, PositionEmbedding, constrain, dense, norm, stack, token_embedding
+from model.layers import (Mlp, PositionEmbedding, constrain, dense, norm, prepend_prompt, stack,
+                          token_embedding)
 
 
 class CrossDecoderBlock(nn.Module):
@@ -90,12 +91,18 @@ class EncoderDecoderLM(nn.Module):
         return constrain(x_BxTxD, ("batch", "seq", "act_embed"))
 
     def encode(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
-               segment_ids_BxT: jax.Array | None = None, *, train: bool = False) -> jax.Array:
-        """The encoder output encoded_BxTxD (final-normed), which the decoder attends to."""
+               segment_ids_BxT: jax.Array | None = None, *, train: bool = False,
+               prompt_PxD: jax.Array | None = None) -> jax.Array:
+        """The encoder output encoded_BxTxD (final-normed), which the decoder attends to;
+        `prompt_PxD`: a soft prompt read before the tokens (its outputs are dropped)."""
         if positions_BxT is None:
             positions_BxT = default_positions(tokens_BxT)
-        return self.encoder(self._embed(tokens_BxT, positions_BxT, train), positions_BxT,
-                            segment_ids_BxT, train=train)
+        x_BxTxD = self._embed(tokens_BxT, positions_BxT, train)
+        if prompt_PxD is None:
+            return self.encoder(x_BxTxD, positions_BxT, segment_ids_BxT, train=train)
+        h_BxTxD = self.encoder(*prepend_prompt(prompt_PxD, x_BxTxD, positions_BxT,
+                                               segment_ids_BxT), train=train)
+        return h_BxTxD[:, prompt_PxD.shape[0]:]
 
     def decoder_logits(self, tokens_BxS: jax.Array, encoded_BxTxD: jax.Array | None,
                        encoder_segment_ids_BxT: jax.Array | None = None,

@@ -41,10 +41,13 @@ def validate(cfg: ConfigDict, devices: Sequence[jax.Device] | None = None) -> No
            f"size), got {cfg.model.vocab_size}")
     model = ModelConfig.from_mapping(cfg.model, vocab_size=cfg.model.vocab_size or 1)
     family = families.family(model)
-    _check(model.family == objective.family,
-           f"train.objective={train.objective!r} trains a model.family={objective.family!r} "
-           f"model, not model.family={model.family!r}; set --config.model.family="
-           f"{objective.family}, or an objective for {model.family!r} models: "
+    trained = (f"model.family of {objective.carriers}" if objective.carriers else
+               f"model.family={objective.family!r} model")
+    _check(families.trains(train.objective, model.family),
+           f"train.objective={train.objective!r} trains a {trained}, not "
+           f"model.family={model.family!r}; set --config.model.family="
+           f"{(objective.carriers or (objective.family,))[0]}, or an "
+           f"objective for {model.family!r} models: "
            f"{', '.join(families.objectives_of(model.family))}")
     data_config.check(data, train.objective)
     _check_lengths(cfg, model)
@@ -90,7 +93,57 @@ def validate(cfg: ConfigDict, devices: Sequence[jax.Device] | None = None) -> No
     _check(cfg.ckpt.every >= 0, f"ckpt.every must be >= 0, got {cfg.ckpt.every}")
     _check(cfg.ckpt.keep >= 1, f"ckpt.keep must be >= 1, got {cfg.ckpt.keep}")
     _check(cfg.ckpt.keep_best >= 0, f"ckpt.keep_best must be >= 0, got {cfg.ckpt.keep_best}")
+    _check_finetune(cfg)
     _check_mesh(cfg, devices)
+
+
+FINETUNE_MODES = ("full", "frozen", "lora", "prompt")
+TASK_METRICS = {"classify": ("loss", "accuracy", "macro_f1"),
+                "tag": ("loss", "accuracy", "f1", "precision", "recall"),
+                "text2text": ("loss", "exact_match", "bleu", "chrf", "rougeL")}
+
+
+def _check_finetune(cfg: ConfigDict) -> None:
+    """The finetune.* keys (train/finetune/ reads them)."""
+    ft, objective = cfg.finetune, cfg.train.objective
+    _check(ft.mode in FINETUNE_MODES, f"finetune.mode={ft.mode!r}: choose one of "
+           f"{FINETUNE_MODES}")
+    for key in ("unfreeze_after", "unfreeze_every", "patience", "eval_examples"):
+        _check(ft[key] >= 0, f"finetune.{key} must be >= 0 (0 = off), got {ft[key]}")
+    _check(ft.prompt_length >= 1, f"finetune.prompt_length must be >= 1, got "
+           f"{ft.prompt_length}")
+    _check(ft.mode != "prompt" or families.objective(objective).head is not None,
+           f"finetune.mode=prompt tunes a soft prompt under a task head (classify, tag), not "
+           f"train.objective={objective}")
+    _check(ft.lora_rank >= 1, f"finetune.lora_rank must be >= 1, got {ft.lora_rank}")
+    _check(ft.lora_alpha > 0, f"finetune.lora_alpha must be positive, got {ft.lora_alpha}")
+    _check(bool(ft.lora_targets) and all(isinstance(t, str) and t for t in ft.lora_targets),
+           f"finetune.lora_targets={tuple(ft.lora_targets)!r}: name projections, e.g. "
+           "query,value")
+    _check(ft.max_new_tokens >= 1, f"finetune.max_new_tokens must be >= 1, got "
+           f"{ft.max_new_tokens}")
+    _check(0 < ft.layer_lr_decay <= 1, f"finetune.layer_lr_decay must be in (0, 1] (1 = off), "
+           f"got {ft.layer_lr_decay}")
+    _check(0 <= ft.head_dropout < 1, f"finetune.head_dropout must be in [0, 1), got "
+           f"{ft.head_dropout}")
+    _check(not (ft.unfreeze_after and ft.unfreeze_every),
+           "finetune.unfreeze_after and finetune.unfreeze_every are two unfreezing schedules; "
+           "set one of them to 0")
+    _check(ft.mode == "full" or not (ft.unfreeze_after or ft.unfreeze_every),
+           "finetune.unfreeze_after/unfreeze_every start frozen and unfreeze by themselves; "
+           "leave finetune.mode=full")
+    allowed = TASK_METRICS.get(objective, ("loss",))
+    _check(not ft.metric or ft.metric in allowed,
+           f"finetune.metric={ft.metric!r} is not a metric of train.objective={objective}; "
+           f"choose one of {allowed}")
+    _check(not ft.patience or bool(cfg.eval.every),
+           "finetune.patience counts evaluations: set eval.every > 0")
+    needs_head = families.objective(objective).head is not None
+    _check(needs_head or (ft.mode != "frozen" and not ft.unfreeze_after and not ft.unfreeze_every),
+           f"finetune.mode={ft.mode!r}, finetune.unfreeze_after={ft.unfreeze_after}, "
+           f"finetune.unfreeze_every={ft.unfreeze_every}: freezing trains a head on a frozen "
+           f"backbone, but train.objective={objective} has no head (the whole model writes "
+           "the text); use finetune.mode=full, unfreezing 0 (layer_lr_decay still applies)")
 
 
 def _check_lengths(cfg: ConfigDict, model: ModelConfig) -> None:

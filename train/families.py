@@ -29,6 +29,7 @@ from model.decoder import DecoderLM
 from model.electra import ElectraLM
 from model.encoder import EncoderLM
 from model.encoder_decoder import EncoderDecoderLM
+from model.heads import TaskModel
 from train import objectives as losses, synthetic
 from train.decoding import steppers
 from train.hf import bert as hf_bert, decoder as hf_decoder
@@ -48,6 +49,11 @@ class Family:
     prompting: str | None = None                   # see PROMPTING
     stepper: Callable[..., steppers.Stepper] | None = None   # (cfg, use_cache, window, keep)
     hf_layouts: tuple[Layout, ...] = ()
+    # task heads (model/heads.py): hidden states of (module, tokens, positions, segment_ids,
+    # type_ids, train), how a sequence is pooled, and the rows of labelled tasks (data/tasks.py)
+    features: Callable[..., jax.Array] | None = None
+    pooling: str = "first"
+    task_layout: str = "cls"
 
     def build(self, cfg: ModelConfig, *, decode: bool = False) -> nn.Module:
         """The Flax module; `decode=True` (KV cache) for the families that write text."""
@@ -66,6 +72,8 @@ class Objective:
     synthetic: Callable[[int, int, int, int], dict[str, Any]]   # (rows, length, vocab, seed)
     decoder_length: Callable[[int], int] | None = None          # seq_len -> decoder tokens
     bits_per_byte: bool = False        # its targets are the text itself, so bytes are defined
+    head: str | None = None            # a task head of model/heads.py (None: the family's LM)
+    carriers: tuple[str, ...] = ()     # task objectives: the families that can train them
 
 
 def _attention(layers: int, cfg: ModelConfig, context: int) -> float:
@@ -105,13 +113,30 @@ def _encoder_decoder_flops(cfg: ModelConfig, n_params: int, seq_len: int,
     return (matmuls + attention) / t
 
 
+# (module, tokens, positions, segment ids, type ids, train, **soft prompt) -> h_BxTxD
+def _decoder_features(m, tokens, positions, segments, types, train, **prompt):
+    return m(tokens, positions, segments, train=train, hidden=True, **prompt)
+
+
+def _encoder_features(m, tokens, positions, segments, types, train, **prompt):
+    return m.encode(tokens, positions, segments, types, train=train, **prompt)
+
+
+def _t5_features(m, tokens, positions, segments, types, train, **prompt):
+    return m.encode(tokens, positions, segments, train=train, **prompt)
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("decoder", DecoderLM, n_inputs=1, flops=_stack_flops, prompting="continue",
-           stepper=steppers.decoder_stepper, hf_layouts=(hf_decoder.LLAMA, hf_decoder.GPT2)),
-    Family("encoder", EncoderLM, n_inputs=1, flops=_stack_flops, hf_layouts=(hf_bert.BERT,)),
-    Family("electra", ElectraLM, n_inputs=1, flops=_electra_flops),
+           stepper=steppers.decoder_stepper, hf_layouts=(hf_decoder.LLAMA, hf_decoder.GPT2),
+           features=_decoder_features, pooling="last", task_layout="causal"),
+    Family("encoder", EncoderLM, n_inputs=1, flops=_stack_flops, hf_layouts=(hf_bert.BERT,),
+           features=_encoder_features, pooling="first", task_layout="cls"),
+    Family("electra", ElectraLM, n_inputs=1, flops=_electra_flops,
+           features=_encoder_features, pooling="first", task_layout="cls"),
     Family("encoder_decoder", EncoderDecoderLM, n_inputs=2, flops=_encoder_decoder_flops,
-           prompting="encode", stepper=steppers.encoder_decoder_stepper),
+           prompting="encode", stepper=steppers.encoder_decoder_stepper,
+           features=_t5_features, pooling="mean", task_layout="seq2seq"),
 )}
 assert set(FAMILIES) == set(MODEL_FAMILIES), "every model family needs a Family record"
 
@@ -129,6 +154,24 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
 )}
 
 
+# Fine-tuning tasks (data/tasks.py has their records and rows): a head on any family that
+# carries it, or (text2text) the family's own LM on input -> target rows.
+TASKS: dict[str, Objective] = {o.name: o for o in (
+    Objective("classify", "", losses.classify, synthetic.classify_batch, head="classify",
+              carriers=tuple(f.name for f in FAMILIES.values() if f.features)),
+    Objective("tag", "", losses.tag, synthetic.tag_batch, head="tag",
+              carriers=tuple(f.name for f in FAMILIES.values() if f.features)),
+    Objective("text2text", "", losses.text2text, synthetic.clm_batch,
+              carriers=tuple(f.name for f in FAMILIES.values() if f.prompting)),
+)}
+
+
+def trains(objective_name: str, family_name: str) -> bool:
+    """Whether `objective_name` can train a `family_name` model."""
+    o = objective(objective_name)
+    return family_name in o.carriers if o.carriers else o.family == family_name
+
+
 def family(cfg_or_name: ModelConfig | str) -> Family:
     """The record of a family (by name, or of a ModelConfig); an unknown name is a ConfigError."""
     name = cfg_or_name if isinstance(cfg_or_name, str) else cfg_or_name.family
@@ -138,14 +181,18 @@ def family(cfg_or_name: ModelConfig | str) -> Family:
 
 
 def objective(name: str) -> Objective:
+    if name in TASKS:
+        return TASKS[name]
     if name not in OBJECTIVES:
-        raise ConfigError(f"train.objective={name!r}: choose one of {tuple(OBJECTIVES)}")
+        raise ConfigError(f"train.objective={name!r}: choose one of "
+                          f"{tuple(OBJECTIVES) + tuple(TASKS)}")
     return OBJECTIVES[name]
 
 
 def objectives_of(family_name: str) -> tuple[str, ...]:
     """The objectives that train a family."""
-    return tuple(o.name for o in OBJECTIVES.values() if o.family == family_name)
+    return tuple(o.name for o in (*OBJECTIVES.values(), *TASKS.values())
+                 if trains(o.name, family_name))
 
 
 def build(cfg: ModelConfig, *, decode: bool = False) -> nn.Module:
@@ -153,9 +200,29 @@ def build(cfg: ModelConfig, *, decode: bool = False) -> nn.Module:
     return family(cfg).build(cfg, decode=decode)
 
 
-def init_inputs(cfg: ModelConfig, batch: int = 1, length: int = 8) -> tuple:
-    """Positional inputs that `build(cfg).init` needs to create every parameter."""
-    return (jnp.zeros((batch, length), jnp.int32),) * family(cfg).n_inputs
+def build_for(cfg: ModelConfig, objective_name: str, n_labels: int = 0,
+              head_dropout: float = 0.0, n_prompt: int = 0) -> nn.Module:
+    """The module an objective trains: the family's own, or a TaskModel with the task's head."""
+    o = objective(objective_name)
+    if o.head is None:
+        return build(cfg)
+    f = family(cfg)
+    if f.features is None:
+        raise ConfigError(f"a model.family={f.name!r} backbone cannot carry a {o.head} head; "
+                          f"use one of {o.carriers}")
+    if n_prompt and f.name == "electra":
+        raise ConfigError("finetune.mode=prompt works on decoder, encoder and encoder_decoder "
+                          "backbones, not electra")
+    return TaskModel(cfg, f.module, f.features, f.pooling, o.head, n_labels, head_dropout,
+                     n_prompt)
+
+
+def init_inputs(cfg: ModelConfig, batch: int = 1, length: int = 8,
+                model: nn.Module | None = None) -> tuple:
+    """Positional inputs that `build(cfg).init` (or `model.init`) needs to create every
+    parameter."""
+    n = getattr(model, "n_inputs", None) or family(cfg).n_inputs
+    return (jnp.zeros((batch, length), jnp.int32),) * n
 
 
 def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int,

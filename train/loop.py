@@ -22,6 +22,7 @@ from train.config import validate
 from train.decoding import generate
 from train.decoding.options import Options
 from train.evaluation.evaluate import evaluate
+from train.finetune import backbone as finetune_backbone, selection
 from train.metrics import MetricsLog, console, peak_tflops, throughput
 from train.plots import write_run_curves
 from train.preempt import Preemption
@@ -58,6 +59,7 @@ def train(config: ConfigDict, workdir: str | Path, *, progress: bool = True,
 
 def _train(config: ConfigDict, workdir: Path, progress: bool, stop_after: int | None,
            preempt: Preemption) -> dict[str, Any]:
+    config = finetune_backbone.resolve(config, workdir)   # fine-tuning: backbone, labels
     tokenizer = pipeline.load_or_train_tokenizer(config.data, workdir)
     config = with_vocab(config, tokenizer)
     setup = build(config)
@@ -85,8 +87,9 @@ def _train(config: ConfigDict, workdir: Path, progress: bool, stop_after: int | 
         def run_eval(step: int, params: Any) -> dict[str, float]:
             eval_batches = pipeline.eval_batches(config.data, tokenizer, setup.batch_sharding,
                                                  objective=config.train.objective)
-            record = log.write(step, evaluate(eval_step, params, eval_batches,
-                                              config.eval.steps), prefix="eval/")
+            record = evaluate(eval_step, params, eval_batches, config.eval.steps)
+            record.update(selection.task_eval(setup, params, tokenizer))   # task metrics
+            record = log.write(step, record, prefix="eval/")
             if log.active:   # every run ends with an eval, so curves.png is also its last state
                 write_run_curves(workdir)
             return record
@@ -131,7 +134,7 @@ def _close_quietly(ckpt: Checkpointer) -> None:
 def _initial_state(setup: Setup, ckpt: Checkpointer, batches: pipeline.GlobalBatches,
                    workdir: Path) -> tuple[state_lib.TrainState, dict[str, list[Any]]]:
     """The latest readable checkpoint (with the data iterator moved to where it was) and the
-    safe config changes since, else a new state."""
+    safe config changes since, else a new state (fresh, or from a fine-tuning backbone)."""
     abstract = state_lib.abstract(setup.model, setup.model_cfg, setup.tx, setup.state_shardings)
 
     def restore(step: int):
@@ -144,8 +147,7 @@ def _initial_state(setup: Setup, ckpt: Checkpointer, batches: pipeline.GlobalBat
         return restored
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(setup.config.to_json_best_effort(indent=2))
-    return state_lib.init(setup.model, setup.model_cfg, setup.tx, setup.state_shardings,
-                          setup.config.train.seed), {}
+    return finetune_backbone.initial_state(setup, workdir), {}
 
 
 def _train_steps(setup: Setup, state: state_lib.TrainState, batches: pipeline.GlobalBatches,
@@ -158,6 +160,7 @@ def _train_steps(setup: Setup, state: state_lib.TrainState, batches: pipeline.Gl
     watch = NonFiniteWatch(config.train.get("nonfinite", "halt"), ckpt)
     reporter.watch = watch
     last_eval, first, saved = None, int(state.step), None
+    stopping = selection.EarlyStopping(config.finetune.patience)
     for step in range(first + 1, last + 1):
         batch = next(batches, None)
         if batch is None:   # data.num_epochs passes are done: end here, as if step-1 were last
@@ -168,7 +171,7 @@ def _train_steps(setup: Setup, state: state_lib.TrainState, batches: pipeline.Gl
                 watch.check(step - 1)
                 last_eval = run_eval(step - 1, state.params)
                 ckpt.save(step - 1, state, config=config.to_dict(), data_iterator=batches,
-                          eval_loss=last_eval["loss"])
+                          eval_loss=selection.selection_value(config, last_eval))
             break
         with jax.transfer_guard("disallow"):
             state, metrics = train_step(state, batch)
@@ -190,9 +193,16 @@ def _train_steps(setup: Setup, state: state_lib.TrainState, batches: pipeline.Gl
             if ckpt_due:
                 ckpt.save(step, state, config=config.to_dict(),
                           data_iterator=batches,
-                          eval_loss=last_eval["loss"] if last_eval else None)
+                          eval_loss=selection.selection_value(config, last_eval))
                 saved = step
             reporter.restart_clock(step)
+            if eval_due and stopping.stop(selection.selection_value(config, last_eval)):
+                console(f"finetune: {selection.metric_name(config)} did not improve in "
+                        f"{config.finetune.patience} evaluations; stopping after step {step}")
+                if saved != step:
+                    ckpt.save(step, state, config=config.to_dict(), data_iterator=batches,
+                              eval_loss=selection.selection_value(config, last_eval))
+                break
     reporter.flush(force=True)
     watch.check(int(state.step))
     return state, last_eval

@@ -14,6 +14,9 @@ Batch layouts (data/pipeline.py produces them; int32 unless noted, B rows):
   span_corruption, encoder_inputs, encoder_positions, encoder_segment_ids [B,T];
   prefix_lm        decoder_inputs, decoder_targets, decoder_positions, decoder_segment_ids [B,S];
                    decoder_weights [B,S] float32
+  classify, tag,    one example a row (see data/tasks.py): inputs, positions, segment_ids,
+  text2text        type_ids [B,T] with labels [B] + label_weights [B], or tags [B,T] +
+                   tag_weights [B,T]; text2text rows are clm's or span_corruption's layout
 segment_ids are 1, 2, ... per packed example and 0 for padding, in every layout.
 
 An objective with two losses of different denominators (MLM + sentence pair, ELECTRA's generator
@@ -144,5 +147,35 @@ def seq2seq(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng: 
                                z_loss)
 
 
+def classify(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng: jax.Array,
+             train: bool, z_loss: float = 0.0) -> tuple[jax.Array, Sums]:
+    """Sequence classification (data/tasks.py rows): cross entropy of `labels` over the rows
+    weighted by `label_weights` (padding rows of an eval pass weigh 0)."""
+    logits_BxC = model.apply({"params": params}, batch["inputs"], batch["positions"],
+                             batch["segment_ids"], batch["type_ids"], train=train,
+                             rngs={"dropout": rng})
+    total, sums = token_cross_entropy(logits_BxC[:, None], batch["labels"][:, None],
+                                      batch["label_weights"][:, None], z_loss)
+    return total, sums
+
+
+def tag(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng: jax.Array,
+        train: bool, z_loss: float = 0.0) -> tuple[jax.Array, Sums]:
+    """Token classification: cross entropy of `tags` on the first piece of each word."""
+    logits_BxTxC = model.apply({"params": params}, batch["inputs"], batch["positions"],
+                               batch["segment_ids"], batch["type_ids"], train=train,
+                               rngs={"dropout": rng})
+    return token_cross_entropy(logits_BxTxC, batch["tags"], batch["tag_weights"], z_loss)
+
+
+def text2text(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng: jax.Array,
+              train: bool, z_loss: float = 0.0) -> tuple[jax.Array, Sums]:
+    """Conditional generation: a decoder's clm loss on the target tokens (the prompt weighs 0),
+    or an encoder-decoder's seq2seq loss; the rows' layout says which."""
+    loss = seq2seq if "encoder_inputs" in batch else clm
+    return loss(model, params, batch, rng=rng, train=train, z_loss=z_loss)
+
+
 OBJECTIVES: dict[str, Objective] = {"clm": clm, "mlm": mlm, "electra": electra,
-                                    "span_corruption": seq2seq, "prefix_lm": seq2seq}
+                                    "span_corruption": seq2seq, "prefix_lm": seq2seq,
+                                    "classify": classify, "tag": tag, "text2text": text2text}

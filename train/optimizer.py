@@ -6,6 +6,8 @@ from typing import Any, Mapping
 import jax
 import optax
 
+from train import layerwise
+
 NO_DECAY = ("scale", "bias", "pos")  # norm scales, biases, position tables
 
 
@@ -29,11 +31,17 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make(opt_cfg: Mapping[str, Any], total_steps: int
+def make(opt_cfg: Mapping[str, Any], total_steps: int,
+         finetune_cfg: Mapping[str, Any] | None = None
          ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (+ clipping); with a `finetune` section, its mode: frozen backbone parameters get
+    no optimizer state (set_to_zero), unfreezing schedules and layer-wise LR decay scale each
+    update by its layer (train/layerwise.py)."""
     lr = schedule(opt_cfg, total_steps)
     adamw = optax.adamw(lr, b1=opt_cfg["b1"], b2=opt_cfg["b2"], eps=opt_cfg["eps"],
                         weight_decay=opt_cfg["weight_decay"], mask=decay_mask)
     if opt_cfg["clip_norm"] > 0:
-        return optax.chain(optax.clip_by_global_norm(opt_cfg["clip_norm"]), adamw), lr
-    return adamw, lr
+        adamw = optax.chain(optax.clip_by_global_norm(opt_cfg["clip_norm"]), adamw)
+    if finetune_cfg is None:
+        return adamw, lr
+    return layerwise.finetune_transform(adamw, finetune_cfg), lr

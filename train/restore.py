@@ -12,11 +12,12 @@ from typing import Any, Mapping, Sequence
 import jax
 from ml_collections import ConfigDict
 
+from configs.base import get_config as base_config
 from configs.loader import apply_overrides
 from data.tokenizer import MODEL_FILE, Tokenizer, check_tokenizer
 from errors import CheckpointError
 from model.sharding import activate
-from train import state as state_lib
+from train import lora, state as state_lib
 from train.checkpoint import Checkpointer
 from train.config import validate
 from train.setup import Setup, build
@@ -39,7 +40,19 @@ def saved_config(workdir: str | Path, step: str | int = "latest") -> tuple[Confi
     """The resolved config a checkpoint was saved with, and the step it resolved to."""
     ckpt = Checkpointer(workdir, read_only=True)
     resolved = ckpt.resolve(step)
-    return ConfigDict(ckpt.restore_config(resolved)), resolved
+    return with_defaults(ckpt.restore_config(resolved)), resolved
+
+
+def with_defaults(saved: Mapping[str, Any]) -> ConfigDict:
+    """A saved config with the keys added since it was saved at their configs/base.py
+    defaults (which keep the behaviour the run had)."""
+    def merge(base: dict, over: Mapping[str, Any]) -> dict:
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = merge(base[k], v) if isinstance(base.get(k), dict) and \
+                isinstance(v, Mapping) else v
+        return out
+    return ConfigDict(merge(base_config().to_dict(), saved))
 
 
 def restore(workdir: str | Path, step: str | int = "latest", *,
@@ -78,6 +91,10 @@ def restore(workdir: str | Path, step: str | int = "latest", *,
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             _param_shapes(setup), setup.state_shardings.params)
     params = Checkpointer(workdir, read_only=True).restore_params(resolved, abstract)
+    if config.finetune.mode == "lora":   # adapters merged: the plain model from here on
+        params = lora.merge(params, config.finetune.lora_alpha / config.finetune.lora_rank)
+        config.finetune.mode = "full"
+        setup = build(config, devices)
     return Restored(setup=setup, params=params, tokenizer=tokenizer, step=resolved,
                     workdir=workdir)
 

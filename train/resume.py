@@ -24,13 +24,21 @@ from train.metrics import console
 
 # keys a resumed run must keep: a prefix ending in "." covers a whole section
 FIXED = ("model.", "train.objective", "data.seq_len", "data.target_len", "data.batch_size",
-         "data.tokenizer.fingerprint")
+         "data.tokenizer.fingerprint", "finetune.init_from", "finetune.mode",
+         "finetune.prompt_length", "finetune.lora_rank", "finetune.lora_targets",
+         "data.task.labels")
 WHY = {"model.": "the parameters define the model",
        "data.tokenizer.fingerprint": "the embeddings belong to the vocabulary",
        "train.objective": "the optimizer state was built for its loss",
        "data.seq_len": "the data stream's position counts rows of that length",
        "data.target_len": "the data stream's position counts rows of that length",
-       "data.batch_size": "the data stream's position counts global batches of that size"}
+       "data.batch_size": "the data stream's position counts global batches of that size",
+       "finetune.init_from": "the run's weights started from that backbone",
+       "finetune.mode": "the trainable parameters and their optimizer state follow the mode",
+       "finetune.prompt_length": "the parameters define the model",
+       "finetune.lora_rank": "the parameters define the model",
+       "finetune.lora_targets": "the parameters define the model",
+       "data.task.labels": "the head's outputs are those labels"}
 
 T = TypeVar("T")
 
@@ -50,8 +58,10 @@ def config_changes(saved: dict[str, Any], config: ConfigDict, where: str
                if before.get(k) != now.get(k)}
     if not before.get("data.tokenizer.fingerprint"):   # not recorded (an older import)
         changed.pop("data.tokenizer.fingerprint", None)
-    fixed = {k: v for k, v in changed.items()
-             if any(k == f or (f.endswith(".") and k.startswith(f)) for f in FIXED)}
+    # a key the saved config lacks is one a newer Loom added (its default keeps the old
+    # behaviour): recorded as a change, never a reason to refuse the run
+    fixed = {k: v for k, v in changed.items() if k in before
+             and any(k == f or (f.endswith(".") and k.startswith(f)) for f in FIXED)}
     if fixed:
         if "data.tokenizer.fingerprint" in fixed:
             a, b = fixed["data.tokenizer.fingerprint"]

@@ -19,7 +19,7 @@ from data.tokenizer import Tokenizer, check_tokenizer
 from errors import ConfigError
 from model.config import ModelConfig
 from model.sharding import Rules, activate, batch_sharding, make_mesh, rules_from_config
-from train import families, optimizer, state as state_lib, step as step_lib
+from train import families, lora, optimizer, state as state_lib, step as step_lib, synthetic
 
 
 @dataclasses.dataclass
@@ -57,8 +57,16 @@ def build(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Se
     mesh = make_mesh(config.mesh, devices)
     rules = rules_from_config(config.mesh.rules)
     model_cfg = ModelConfig.from_mapping(config.model)
-    model = families.build(model_cfg)
-    tx, lr_schedule = optimizer.make(config.opt, config.train.steps)
+    # labels are resolved from the train split when a run starts (train/finetune/backbone.py);
+    # unresolved (benchmarks, shape checks) the head fits the synthetic batches' labels
+    n_labels = len(config.data.task.labels) or synthetic.N_SYNTHETIC_LABELS
+    ft = config.finetune
+    model = families.build_for(model_cfg, config.train.objective, n_labels, ft.head_dropout,
+                               ft.prompt_length if ft.mode == "prompt" else 0)
+    if config.finetune.mode == "lora":
+        model = lora.LoraModel(model, config.finetune.lora_rank, config.finetune.lora_alpha,
+                               tuple(config.finetune.lora_targets))
+    tx, lr_schedule = optimizer.make(config.opt, config.train.steps, config.finetune)
     with activate(mesh, rules):
         shardings = state_lib.shardings(model, model_cfg, tx, mesh, rules)
     return Setup(config, model_cfg, model, mesh, rules, tx, lr_schedule, shardings,

@@ -24,7 +24,7 @@ class TrainState:
 
 
 def _init_params_boxed(model: nn.Module, cfg: ModelConfig, rng: jax.Array) -> Any:
-    return model.init(rng, *families.init_inputs(cfg))["params"]
+    return model.init(rng, *families.init_inputs(cfg, model=model))["params"]
 
 
 def shardings(model: nn.Module, cfg: ModelConfig, tx: optax.GradientTransformation,
@@ -35,8 +35,11 @@ def shardings(model: nn.Module, cfg: ModelConfig, tx: optax.GradientTransformati
     param_sh = logical_shardings(boxed, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract_opt = jax.eval_shape(tx.init, unboxed(boxed))
-    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt, param_sh,
-                                   transform_non_params=lambda _: replicated)
+    # frozen parameters (finetune.mode=frozen) hold a MaskedNode, not a moment: keep it
+    masked = lambda x: isinstance(x, optax.MaskedNode)   # noqa: E731
+    opt_sh = optax.tree_map_params(tx, lambda x, sh: x if masked(x) else sh, abstract_opt,
+                                   param_sh, transform_non_params=lambda _: replicated,
+                                   is_leaf=masked)
     return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
 
 

@@ -123,3 +123,28 @@ def _seq2seq(encoder_BxT: np.ndarray, targets_BxS: np.ndarray) -> Batch:
             "decoder_targets": targets_BxS, "decoder_positions": dec_positions,
             "decoder_segment_ids": dec_segments,
             "decoder_weights": np.ones((rows, decoder_length), np.float32)}
+
+
+N_SYNTHETIC_LABELS = 4
+
+
+def classify_batch(rows: int, length: int, vocab: int, seed: int) -> Batch:
+    """Periodic rows whose label is their motif's first id modulo N_SYNTHETIC_LABELS."""
+    rng = np.random.default_rng(seed)
+    tokens = periodic(rng, rows, length, vocab)
+    positions, segments = _unpacked(rows, length)
+    return {"inputs": tokens, "positions": positions, "segment_ids": segments,
+            "type_ids": np.zeros_like(tokens),
+            "labels": (tokens[:, 0] % N_SYNTHETIC_LABELS).astype(np.int32),
+            "label_weights": np.ones(rows, np.float32)}
+
+
+def tag_batch(rows: int, length: int, vocab: int, seed: int) -> Batch:
+    """Periodic rows tagged per token by id modulo N_SYNTHETIC_LABELS."""
+    rng = np.random.default_rng(seed)
+    tokens = periodic(rng, rows, length, vocab)
+    positions, segments = _unpacked(rows, length)
+    return {"inputs": tokens, "positions": positions, "segment_ids": segments,
+            "type_ids": np.zeros_like(tokens),
+            "tags": (tokens % N_SYNTHETIC_LABELS).astype(np.int32),
+            "tag_weights": np.ones(tokens.shape, np.float32)}

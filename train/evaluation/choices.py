@@ -97,6 +97,29 @@ def _item(line: str, where: str) -> Item:
     return Item(record["context"], tuple(continuations), label, where)
 
 
+DEMO_SEPARATOR = "\n\n"
+
+
+def with_shots(items: Sequence[Item], demos: Sequence[Item], shots: int, seed: int = 0
+               ) -> list[Item]:
+    """k-shot prompting: each item's context after `shots` demonstrations, each a demo's
+    context + its labelled (or only) continuation + DEMO_SEPARATOR, drawn without replacement
+    by `seed` and the item's index from `demos` (never a demo with the item's own context)."""
+    if shots < 0:
+        raise ConfigError(f"--shots must be >= 0, got {shots}")
+    out = []
+    for i, item in enumerate(items):
+        pool = [d for d in demos if d.context != item.context]
+        if len(pool) < shots:
+            raise DataError(f"--shots {shots} needs {shots} demonstrations besides each item, but "
+                            f"the demo file has {len(pool)} for {item.where}")
+        picked = np.random.default_rng([seed, i]).choice(len(pool), shots, replace=False)
+        prefix = "".join(pool[j].context + pool[j].continuations[pool[j].label or 0] +
+                         DEMO_SEPARATOR for j in sorted(picked))
+        out.append(dataclasses.replace(item, context=prefix + item.context))
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Row:
     tokens: tuple[int, ...]     # [BOS] + (context +) continuation pieces (maybe left-truncated)

@@ -22,11 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from data import pipeline
+from data import pipeline, tasks as tasks_lib
 from data.tokenizer import BOS, Tokenizer
 from errors import DataError
 from model.sharding import activate
 from train.evaluation import choices as choices_lib
+from train.finetune import predict
 from train.metrics import MetricsLog
 from train.restore import Restored, restore, saved_config
 
@@ -113,10 +114,20 @@ def _tag(*parts: str) -> str:
 
 def run(workdir: str | Path, step: str | int = "latest", *, split: str | None = None,
         steps: int | None = None, choices: Sequence[str] = (), config_args: Sequence[str] = (),
-        devices: Sequence[jax.Device] | None = None) -> dict[str, dict[str, Any]]:
+        devices: Sequence[jax.Device] | None = None,
+        predictions: str | Path | None = None, shots: int = 0, demos: str | None = None,
+        shot_seed: int = 0) -> dict[str, dict[str, Any]]:
     """Evaluates a checkpoint of `workdir` (see the module docstring); returns the records
-    written, by name ("eval/<dataset>/<split>", "choices/<file stem>")."""
+    written, by name ("eval/<dataset>/<split>", "choices/<file stem>"). A fine-tuned run's
+    record adds the task metrics over every record of the split (train/finetune/predict.py),
+    and `predictions` names a JSONL file for one line per example. `shots` > 0 puts that many
+    demonstrations (from `demos`, default each choices file itself, drawn by `shot_seed`) before
+    every choices item (choices.with_shots)."""
     tasks = [(path, choices_lib.read_items(path)) for path in choices]  # fail before restoring
+    if shots or demos:   # k-shot: demonstrations from the demo file (default: the task's own)
+        tasks = [(path, choices_lib.with_shots(
+            items, choices_lib.read_items(demos) if demos else items, shots, shot_seed))
+            for path, items in tasks]
     if tasks:   # a family that writes no text cannot score continuations
         choices_lib.prompting(saved_config(workdir, step)[0].model.family)
     restored = restore(workdir, step, config_args=config_args, devices=devices)
@@ -132,6 +143,17 @@ def run(workdir: str | Path, step: str | int = "latest", *, split: str | None = 
             if split:
                 prefix = _tag("eval", dataset_name(config.data), split)
                 metrics = evaluate_split(restored, split, steps)
+                if config.train.objective in tasks_lib.TASKS:
+                    task_metrics, preds = predict.evaluate_task(
+                        restored.setup, restored.params, restored.tokenizer, split)
+                    if predictions:
+                        predict.write_predictions(predictions, preds, task_metrics)
+                    metrics.update({k: v for k, v in task_metrics.items()
+                                    if isinstance(v, (int, float))})
+                elif predictions:
+                    raise DataError("--predictions is for fine-tuned task runs (train.objective "
+                                    f"in {tasks_lib.TASKS}), not train.objective="
+                                    f"{config.train.objective}")
                 results[prefix[:-1]] = log.write(restored.step, {
                     **metrics, "dataset": dataset_name(config.data), "data_split": split,
                     "batches": steps or None}, prefix=prefix)
