@@ -104,7 +104,8 @@ def report(config: ConfigDict, steps: int, ckpt_every: int, log_every: int,
             bare.append(_bare_tok_per_s(run_cfg, workdir, first, last))
             print(json.dumps(dict(report="loop", round=r, steps=steps, timed_steps=last - first,
                                   ckpt_every=ckpt_every, log_every=log_every,
-                                  checkpoints_in_window=len(range(first, last, ckpt_every)),
+                                  checkpoints_in_window=sum(
+                                      s % ckpt_every == 0 for s in range(first, last)),
                                   loop_tok_per_s=round(loop[-1]), bare_tok_per_s=round(bare[-1]),
                                   ratio=round(loop[-1] / bare[-1], 3))), flush=True)
     summary = dict(summary="loop", rounds=rounds, loop_tok_per_s=round(statistics.median(loop)),
