@@ -5,7 +5,9 @@ train.log_every steps, async checkpoints every ckpt.every steps (evaluation and 
 sample are switched off: they are not per-step overhead). Its throughput is read from the wall
 times TensorBoard stamps on the logged steps, from the first logged step (compilation is before
 it) to the last (the final checkpoint is after it); the window holds the periodic checkpoints.
-The bare step then runs on the same batches, taken from the same pipeline, on a fresh state.
+The bare step runs on the same batches, taken from the same pipeline, on a fresh state, just
+before and just after each loop run (the machine's load changes between them; the round's bare
+figure is their mean).
 """
 from __future__ import annotations
 
@@ -50,17 +52,17 @@ def loop_config(config: ConfigDict, steps: int, ckpt_every: int, log_every: int)
     return config
 
 
-def _loop_tok_per_s(config: ConfigDict, workdir: Path) -> tuple[float, int, int]:
+def _loop_tok_per_s(config: ConfigDict, workdir: Path, first: int, last: int) -> float:
     from train.loop import train   # deferred: the loop imports every subsystem
     train(config, workdir, progress=False)
     times = logged_wall_times(workdir)
-    first, last = min(times), max(times)
     tokens = config.data.batch_size * config.data.seq_len * (last - first)
-    return tokens / (times[last] - times[first]), first, last
+    return tokens / (times[last] - times[first])
 
 
 def _bare_tok_per_s(config: ConfigDict, workdir: Path, first: int, last: int) -> float:
     """The compiled step alone on batches first+1 .. last of the loop's own pipeline."""
+    Path(workdir).mkdir(parents=True, exist_ok=True)
     tokenizer = pipeline.load_or_train_tokenizer(config.data, workdir)
     config = with_vocab(config, tokenizer)
     setup = build(config)
@@ -92,6 +94,7 @@ def report(config: ConfigDict, steps: int, ckpt_every: int, log_every: int,
         raise ConfigError(f"--loop-steps {steps}: give at least two logged steps "
                           f"(2 x train.log_every = {2 * log_every})")
     config = loop_config(config, steps, ckpt_every, log_every)
+    first, last = log_every, steps   # the first logged step and the last (always logged)
     loop, bare = [], []
     with tempfile.TemporaryDirectory(prefix="loom-loop-") as tmp:
         for r in range(rounds):
@@ -99,9 +102,9 @@ def report(config: ConfigDict, steps: int, ckpt_every: int, log_every: int,
             run_cfg = ConfigDict(config.to_dict())
             if r:   # later rounds reuse the first round's vocabulary
                 run_cfg.data.tokenizer.path = str(Path(tmp) / "run0" / "tokenizer.model")
-            tok_s, first, last = _loop_tok_per_s(run_cfg, workdir)
-            loop.append(tok_s)
-            bare.append(_bare_tok_per_s(run_cfg, workdir, first, last))
+            before = _bare_tok_per_s(run_cfg, workdir, first, last)   # leaves the vocabulary
+            loop.append(_loop_tok_per_s(run_cfg, workdir, first, last))
+            bare.append((before + _bare_tok_per_s(run_cfg, workdir, first, last)) / 2)
             print(json.dumps(dict(report="loop", round=r, steps=steps, timed_steps=last - first,
                                   ckpt_every=ckpt_every, log_every=log_every,
                                   checkpoints_in_window=sum(
