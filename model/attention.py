@@ -71,9 +71,11 @@ def cudnn_packed_attention(q_BxTxNxK: jax.Array, k_BxTxGxK: jax.Array, v_BxTxGxK
     from jax._src.cudnn import fused_attention_stablehlo as cudnn  # GPU only: no public API yet
     lengths_BxM, offsets_BxM1 = packed_lengths(segment_ids_BxT.astype(jnp.int32))
     mask_type = cudnn.MaskType.PADDING_CAUSAL if is_causal else cudnn.MaskType.PADDING
-    return cudnn.dot_product_attention(
+    out_BxTxNxK = cudnn.dot_product_attention(
         q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, None, None, lengths_BxM, lengths_BxM, offsets_BxM1,
         offsets_BxM1, scale=q_BxTxNxK.shape[-1] ** -0.5, mask_type=mask_type)
+    # padding tokens lie in no segment, and cuDNN leaves their rows undefined
+    return jnp.where((segment_ids_BxT != 0)[:, :, None, None], out_BxTxNxK, 0)
 
 
 def attention_impl(cfg: ModelConfig, decode: bool) -> str:
