@@ -30,6 +30,9 @@ def report(config: ConfigDict, depths: Sequence[int] = (12, 24, 48)) -> list[dic
     depth of the same setting. `config`'s width is kept (use a tiny one: time, not memory)."""
     if not config.model.vocab_size:
         config.model.vocab_size = config.data.tokenizer.vocab_size
+    warm = ConfigDict(config.to_dict())   # untimed: the process's first compile pays start-up
+    warm.model.update(n_layers=1, scan_layers=False)
+    compile_seconds(warm)
     rows = []
     for scan in (True, False):
         first = None
