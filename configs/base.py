@@ -52,6 +52,8 @@ HELP = {
     "model.scan_layers": "stack blocks with nn.scan (compile time independent of depth)",
     "model.remat": "rematerialisation: none | full | dots | minimal",
     "model.attention": "attention kernel: auto (cudnn on GPU, else xla) | xla | cudnn",
+    "model.cudnn_segments": "packed segments on cuDNN: lengths (cuDNN's packed layout, from "
+                            "segment lengths and offsets) | mask (a dense T x T mask)",
     "model.init_std": "stddev of the normal initialiser of dense and embedding weights",
     "model.type_vocab_size": "encoder/electra: token-type (sentence A/B) embeddings; 0 = none",
     "model.post_norm": "encoder/electra: BERT's post-LN blocks (exact HF BERT) instead of pre-norm",
@@ -185,6 +187,7 @@ def get_config() -> ConfigDict:
         dtype="bfloat16", param_dtype="float32", scan_layers=True, remat="none",
         attention="auto", init_std=0.02, type_vocab_size=2, post_norm=False,
         n_decoder_layers=0, generator_scale=0.25,
+        cudnn_segments="lengths",
     ))
     c.data = ConfigDict(dict(
         source="python_stdlib", paths=(), tfds_name="", text_field="text", mixture=(),

@@ -1,6 +1,7 @@
 """Multi-head attention with grouped KV heads, RoPE, segment masks and a decoding KV cache.
 
-The kernel is `jax.nn.dot_product_attention`: cuDNN flash attention on GPU, XLA elsewhere.
+The kernel is cuDNN flash attention on GPU (`jax.nn.dot_product_attention`, or for packed
+segments cuDNN's packed layout, see `cudnn_packed_attention`) and `xla_attention` elsewhere.
 """
 from __future__ import annotations
 
@@ -17,6 +18,64 @@ def segment_mask(q_segments_BxT: jax.Array, kv_segments_BxS: jax.Array) -> jax.A
     """B x 1 x T x S: a query sees keys of its own segment; segment 0 is padding."""
     same = q_segments_BxT[:, :, None] == kv_segments_BxS[:, None, :]
     return (same & (kv_segments_BxS[:, None, :] != 0))[:, None]
+
+
+def xla_attention(q_BxTxNxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
+                  mask: jax.Array | None, is_causal: bool) -> jax.Array:
+    """Softmax attention as plain einsums, the softmax in float32; what
+    `jax.nn.dot_product_attention(implementation="xla")` computes, with less memory traffic: the
+    scale is applied to the queries (not the B x N x T x S logits), the causal mask is a
+    constant, and heads keep four dimensions unless KV heads are grouped."""
+    B, T, N, K = q_BxTxNxK.shape
+    S, G = k_BxSxGxK.shape[1], k_BxSxGxK.shape[2]
+    q_BxTxNxK = q_BxTxNxK * jnp.asarray(K ** -0.5, q_BxTxNxK.dtype)
+    if is_causal:
+        causal_TxS = jnp.tril(jnp.ones((T, S), bool))[None, None]
+        mask = causal_TxS if mask is None else mask & causal_TxS
+    if G == N:
+        logits = jnp.einsum("btnk,bsnk->bnts", q_BxTxNxK, k_BxSxGxK,
+                            preferred_element_type=jnp.float32)
+    else:  # N = G * R query heads share each KV head: B x G x R x T x S logits
+        q_BxTxGxRxK = q_BxTxNxK.reshape(B, T, G, N // G, K)
+        logits = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK,
+                            preferred_element_type=jnp.float32)
+        mask = None if mask is None else mask[:, :, None]
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxGxK.dtype)
+    if G == N:
+        return jnp.einsum("bnts,bsnk->btnk", probs, v_BxSxGxK)
+    return jnp.einsum("bgrts,bsgk->btgrk", probs, v_BxSxGxK).reshape(B, T, N, K)
+
+
+def packed_lengths(segment_ids_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Segment lengths B x T and start offsets B x (T+1) of packed rows, -1 past the last
+    segment: cuDNN's packed layout. Segments must be contiguous and numbered 1, 2, ... in row
+    order with padding (0) only at the end, as data/packing.py writes them; T slots are enough
+    for any row."""
+    B, T = segment_ids_BxT.shape
+    ids_BxM = jnp.arange(1, T + 1, dtype=jnp.int32)[None]
+    lengths_BxM = jnp.sum(segment_ids_BxT[:, None, :] == ids_BxM[:, :, None], axis=-1,
+                          dtype=jnp.int32)
+    present_BxM = lengths_BxM > 0
+    starts_BxM = jnp.cumsum(lengths_BxM, axis=-1, dtype=jnp.int32) - lengths_BxM
+    lengths_BxM = jnp.where(present_BxM, lengths_BxM, -1)
+    offsets_BxM = jnp.where(present_BxM, starts_BxM, -1)
+    return lengths_BxM, jnp.concatenate([offsets_BxM, jnp.full((B, 1), -1, jnp.int32)], -1)
+
+
+def cudnn_packed_attention(q_BxTxNxK: jax.Array, k_BxTxGxK: jax.Array, v_BxTxGxK: jax.Array,
+                           segment_ids_BxT: jax.Array, is_causal: bool) -> jax.Array:
+    """cuDNN flash attention over packed segments from their lengths and offsets, not a dense
+    B x T x T mask (jax.nn.dot_product_attention takes only one length per row). Needs a GPU."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn  # GPU only: no public API yet
+    lengths_BxM, offsets_BxM1 = packed_lengths(segment_ids_BxT.astype(jnp.int32))
+    mask_type = cudnn.MaskType.PADDING_CAUSAL if is_causal else cudnn.MaskType.PADDING
+    out_BxTxNxK = cudnn.dot_product_attention(
+        q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, None, None, lengths_BxM, lengths_BxM, offsets_BxM1,
+        offsets_BxM1, scale=q_BxTxNxK.shape[-1] ** -0.5, mask_type=mask_type)
+    # padding tokens lie in no segment, and cuDNN leaves their rows undefined
+    return jnp.where((segment_ids_BxT != 0)[:, :, None, None], out_BxTxNxK, 0)
 
 
 def attention_impl(cfg: ModelConfig, decode: bool) -> str:
@@ -52,7 +111,7 @@ class Attention(nn.Module):
         q_BxTxNxK = dense(cfg, (cfg.n_heads, cfg.head_size), ("embed", "heads", "head_dim"),
                           name="query")(x_BxTxD)
         q_BxTxNxK = constrain(q_BxTxNxK, ("batch", "seq", "act_heads", "head_dim"))
-        is_causal = False
+        is_causal, packed = False, None
         if self.cross:
             k_BxSxGxK, v_BxSxGxK, kv_segment_ids_BxS = self._cross_keys_values(
                 kv_BxSxD, kv_segment_ids_BxS)
@@ -68,12 +127,20 @@ class Attention(nn.Module):
                 k_BxSxGxK, v_BxSxGxK, mask = self._cached(k_BxSxGxK, v_BxSxGxK, segment_ids_BxT)
             else:
                 is_causal = self.causal
+                packed = segment_ids_BxT
                 mask = None if segment_ids_BxT is None else segment_mask(segment_ids_BxT,
                                                                           segment_ids_BxT)
 
-        out_BxTxNxK = jax.nn.dot_product_attention(
-            q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask=mask, is_causal=is_causal,
-            implementation=attention_impl(cfg, self.decode))
+        impl = attention_impl(cfg, self.decode)
+        if impl == "xla":
+            out_BxTxNxK = xla_attention(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask, is_causal)
+        elif packed is not None and cfg.cudnn_segments == "lengths":
+            out_BxTxNxK = cudnn_packed_attention(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, packed,
+                                                 is_causal)
+        else:
+            out_BxTxNxK = jax.nn.dot_product_attention(
+                q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask=mask, is_causal=is_causal,
+                implementation=impl)
         out_BxTxNxK = constrain(out_BxTxNxK, ("batch", "seq", "act_heads", "head_dim"))
         out_BxTxD = dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), axis=(-2, -1),
                           std=self.out_std, name="out")(out_BxTxNxK)

@@ -19,6 +19,7 @@ CHOICES = {
     "pos": ("rope", "learned", "sinusoidal"),
     "remat": ("none", "full", "dots", "minimal"),
     "attention": ("auto", "xla", "cudnn"),
+    "cudnn_segments": ("lengths", "mask"),
     "dtype": ("bfloat16", "float32", "float16"),
     "param_dtype": ("bfloat16", "float32"),
 }
@@ -50,6 +51,7 @@ class ModelConfig:
     scan_layers: bool
     remat: str
     attention: str
+    cudnn_segments: str  # packed rows on cuDNN: segment lengths/offsets, or a dense T x T mask
     init_std: float
     type_vocab_size: int  # encoder, electra: token types (sentence A/B); 0 = none
     post_norm: bool  # encoder, electra: BERT's post-LN blocks instead of pre-norm

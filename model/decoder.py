@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from model.attention import Attention
 from model.config import ModelConfig
 from model.layers import (Mlp, PositionEmbedding, constrain, dense, norm, prepend_prompt, stack,
-                          token_embedding)
+                          tied_logits, token_embedding)
 
 
 def residual_std(cfg: ModelConfig) -> float:
@@ -71,7 +71,7 @@ class DecoderLM(nn.Module):
         if hidden:
             return x_BxTxD
         if cfg.tie_embeddings:
-            logits_BxTxV = embed.attend(x_BxTxD)
+            logits_BxTxV = tied_logits(embed, x_BxTxD)
         else:
             logits_BxTxV = dense(cfg, cfg.vocab_size, ("embed", "vocab"), name="lm_head")(x_BxTxD)
         return constrain(logits_BxTxV.astype(jnp.float32), ("batch", "seq", "act_vocab"))

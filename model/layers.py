@@ -36,29 +36,42 @@ class Dense(nn.Module):
     use_bias: bool
     dtype: Any
     param_dtype: Any
+    split: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array | tuple[jax.Array, ...]:
+        """x @ kernel; with `split`, one output per index of the first output feature axis,
+        each from its own kernel slice (slicing one wide output instead makes the backward
+        pass pad every slice's gradient back to the full activation)."""
         axis = tuple(a % x.ndim for a in self.axis)
         kernel_shape = tuple(x.shape[a] for a in axis) + self.features
         kernel = self.param("kernel", nn.with_logical_partitioning(
             nn.initializers.normal(self.std), self.names), kernel_shape, self.param_dtype)
-        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        y = jax.lax.dot_general(x, kernel, ((axis, tuple(range(len(axis)))), ((), ())))
-        if self.use_bias:
-            bias = self.param("bias", nn.with_logical_partitioning(
-                nn.initializers.zeros, self.names[len(axis):]), self.features, self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(
+            nn.initializers.zeros, self.names[len(axis):]), self.features,
+            self.param_dtype) if self.use_bias else None
+        x = x.astype(self.dtype)
+        if not self.split:
+            return self._apply(x, axis, kernel, bias)
+        index = (slice(None),) * len(axis)
+        return tuple(self._apply(x, axis, kernel[index + (i,)], None if bias is None else bias[i])
+                     for i in range(self.features[0]))
+
+    def _apply(self, x, axis, kernel, bias):
+        y = jax.lax.dot_general(x, kernel.astype(self.dtype),
+                                ((axis, tuple(range(len(axis)))), ((), ())))
+        if bias is not None:
             y = y + bias.astype(self.dtype).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
         return y
 
 
 def dense(cfg: ModelConfig, features: int | Sequence[int], names: Names, *, axis=-1,
-          std: float | None = None, name: str | None = None) -> Dense:
+          std: float | None = None, name: str | None = None, split: bool = False) -> Dense:
     """A Dense layer in the model's dtypes; `names` lists input axes, then output axes."""
     return Dense(features=(features,) if isinstance(features, int) else tuple(features),
                  names=names, axis=(axis,) if isinstance(axis, int) else tuple(axis),
                  std=cfg.init_std if std is None else std, use_bias=cfg.use_bias,
-                 dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype, name=name)
+                 dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype, split=split, name=name)
 
 
 def norm(cfg: ModelConfig, name: str | None = None) -> nn.Module:
@@ -80,6 +93,14 @@ def token_embedding(cfg: ModelConfig, name: str = "embed") -> nn.Embed:
         embedding_init=nn.with_logical_partitioning(
             nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
         name=name)
+
+
+def tied_logits(embed: nn.Embed, x_BxTxD: jax.Array) -> jax.Array:
+    """x @ embedding.T in the compute dtype with float32 logits straight from the matmul
+    (`nn.Embed.attend` rounds them to the compute dtype, and a cast back then costs a full
+    B x T x V pass). Call after `embed` has been applied once."""
+    return jnp.einsum("btd,vd->btv", x_BxTxD.astype(embed.dtype),
+                      embed.embedding.astype(embed.dtype), preferred_element_type=jnp.float32)
 
 
 def sinusoidal(positions_BxT: jax.Array, d: int, dtype) -> jax.Array:
@@ -128,9 +149,10 @@ class Mlp(nn.Module):
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         cfg = self.cfg
         if cfg.mlp == "swiglu":
-            h_BxTx2xF = dense(cfg, (2, cfg.d_ff), ("embed", None, "mlp"), name="wi")(x_BxTxD)
-            h_BxTx2xF = constrain(h_BxTx2xF, ("batch", "seq", None, "act_mlp"))
-            h_BxTxF = nn.silu(h_BxTx2xF[:, :, 0]) * h_BxTx2xF[:, :, 1]
+            gate_BxTxF, up_BxTxF = dense(cfg, (2, cfg.d_ff), ("embed", None, "mlp"), name="wi",
+                                         split=True)(x_BxTxD)
+            h_BxTxF = nn.silu(constrain(gate_BxTxF, ("batch", "seq", "act_mlp"))) * constrain(
+                up_BxTxF, ("batch", "seq", "act_mlp"))
         else:
             h_BxTxF = nn.gelu(dense(cfg, cfg.d_ff, ("embed", "mlp"), name="wi")(x_BxTxD))
         h_BxTxF = constrain(h_BxTxF, ("batch", "seq", "act_mlp"))

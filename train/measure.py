@@ -30,6 +30,7 @@ from train.config import validate
 from train.decoding.generate import decode, stepper_for
 from train.decoding.options import Options
 from train.metrics import peak_tflops, throughput
+from train.perf import hlo
 from train.setup import build
 
 
@@ -37,6 +38,13 @@ def peak_memory_gb() -> float | None:
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     return round(peak / 2**30, 3) if peak else None
+
+
+def with_dtype(config: ConfigDict, dtype: str) -> ConfigDict:
+    """A copy of `config` computing in `dtype` (model.dtype)."""
+    config = ConfigDict(config.to_dict())
+    config.model.dtype = dtype.strip()
+    return config
 
 
 def measure(config: ConfigDict, steps: int, warmup: int = 2) -> dict[str, Any]:
@@ -75,9 +83,14 @@ def measure(config: ConfigDict, steps: int, warmup: int = 2) -> dict[str, Any]:
                model_tflops=round(figures["model_tflops"], 2), peak_tflops=peak,
                mfu=round(figures["mfu"], 3) if "mfu" in figures else None,
                compile_s=round(compile_s, 1), peak_mem_gb=peak_memory_gb(),
-               loss=round(float(metrics["loss"]), 4))
+               loss=round(float(metrics["loss"]), 4), **hlo.stats(step))
     print(json.dumps(out), flush=True)
     return out
+
+
+# reference_gpt.py's shapes (name: vocab, d_model, heads, layers, d_ff, seq_len, batch), for
+# comparing with nanodo alone
+REFERENCE_PRESETS = {"tiny": (8192, 256, 4, 4, 704, 256, 8)}
 
 
 def _load_reference(path: str):
@@ -90,31 +103,43 @@ def _load_reference(path: str):
     return module
 
 
-def compare(config: ConfigDict, steps: int, reference_path: str, preset: str,
-            rounds: int) -> dict[str, Any]:
-    """Alternates Loom and the reference GPT `rounds` times in this process (so both see the
-    same machine state) and prints a summary line with median tokens/s and their ratio."""
-    ref = _load_reference(reference_path)
-    if preset not in ref.PRESETS:
-        raise ConfigError(f"--reference-preset {preset!r}: the reference knows {list(ref.PRESETS)}")
-    vocab, d, h, layers, ff, seq, batch = ref.PRESETS[preset]
+def compare(config: ConfigDict, steps: int, reference_path: str | None, preset: str,
+            rounds: int, nanodo_path: str | None = None) -> dict[str, Any]:
+    """Alternates Loom, the reference GPT and/or nanodo's train step `rounds` times in this
+    process (so all see the same machine state), at Loom's compute dtype, and prints a summary
+    line with the median tokens/s of each and Loom's ratio to each."""
+    ref = _load_reference(reference_path) if reference_path else None
+    peers = {}
+    if nanodo_path:
+        from train.perf import nanodo   # deferred: loads a checkout only when asked
+        peers["nanodo"] = nanodo.load(nanodo_path)
+    presets = ref.PRESETS if ref else REFERENCE_PRESETS
+    if preset not in presets:
+        raise ConfigError(f"--reference-preset {preset!r}: the reference knows {list(presets)}")
+    vocab, d, h, layers, ff, seq, batch = presets[preset]
     m = config.model
     ours = (m.vocab_size, m.d_model, m.n_heads, m.n_layers, m.d_ff, config.data.seq_len,
             config.data.batch_size)
     if ours != (vocab, d, h, layers, ff, seq, batch):
         raise ConfigError(f"config shape {ours} differs from the reference preset {preset!r} "
-                          f"{ref.PRESETS[preset]} (vocab, d, heads, layers, ff, seq, batch)")
+                          f"{presets[preset]} (vocab, d, heads, layers, ff, seq, batch)")
     impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
     peak = peak_tflops(config.train.peak_tflops)
-    loom, reference = [], []
+    dtype = config.model.dtype
+    runs: dict[str, list[float]] = {"loom": []}
     for _ in range(rounds):
-        loom.append(measure(ConfigDict(config.to_dict()), steps)["tok_per_s"])
-        reference.append(ref.measure(preset, impl, False, steps, batch, peak,
-                                     dtype=config.model.dtype)["tok_per_s"])
-    summary = dict(summary=preset, dtype=config.model.dtype, rounds=rounds,
-                   loom_tok_per_s=statistics.median(loom),
-                   reference_tok_per_s=statistics.median(reference),
-                   ratio=round(statistics.median(loom) / statistics.median(reference), 3))
+        runs["loom"].append(measure(ConfigDict(config.to_dict()), steps)["tok_per_s"])
+        if ref:
+            runs.setdefault("reference", []).append(
+                ref.measure(preset, impl, False, steps, batch, peak, dtype=dtype)["tok_per_s"])
+        if "nanodo" in peers:
+            runs.setdefault("nanodo", []).append(nanodo.measure(
+                peers["nanodo"], presets[preset], dtype, steps)["tok_per_s"])
+    medians = {k: statistics.median(v) for k, v in runs.items()}
+    summary = dict(summary=preset, dtype=dtype, rounds=rounds, steps=steps,
+                   **{f"{k}_tok_per_s": v for k, v in medians.items()},
+                   **{f"ratio_{k}": round(medians["loom"] / v, 3)
+                      for k, v in medians.items() if k != "loom"})
     print(json.dumps(summary), flush=True)
     return summary
 
