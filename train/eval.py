@@ -19,6 +19,7 @@ from typing import Sequence
 
 from configs.loader import parse_run
 from errors import fail_cleanly
+from train import distributed
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -31,8 +32,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "0 = one pass over the split)")
     parser.add_argument("--choices", action="append", default=[],
                         help="JSONL file of multiple-choice items to score; repeatable")
+    distributed.add_flags(parser)
     with fail_cleanly("--verbose" in argv):
         args, config_args = parse_run(parser, argv)
+        distributed.initialize(args)
         from train.evaluation.evaluate import run   # deferred: --help stays fast
         run(args.workdir, args.step, split=args.split, steps=args.steps, choices=args.choices,
             config_args=config_args)
