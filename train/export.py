@@ -14,7 +14,7 @@ import sys
 from typing import Sequence
 
 from configs.loader import parse
-from errors import fail_cleanly
+from errors import ConfigError, fail_cleanly
 from train import distributed
 
 
@@ -41,7 +41,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     with fail_cleanly("--verbose" in argv):
         if argv[:1] == ["from-hf"]:
             args, config = parse(from_hf, argv[1:], config_required=False)
-            distributed.initialize(args)
+            if distributed.initialize(args) > 1:
+                raise ConfigError("from-hf makes a new run in one process; run it on one host "
+                                  "(--num-processes 1), then train on all of them")
             from train.hf.convert import import_hf   # deferred: --help stays fast
             path = import_hf(args.hf, args.workdir, config)
             if distributed.main_process():
