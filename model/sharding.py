@@ -1,4 +1,5 @@
-"""Device mesh from the config's `data`/`fsdp`/`tensor` axes, and logical-name sharding rules.
+"""Device mesh from the config's `data`/`fsdp`/`sequence`/`tensor` axes, and logical-name
+sharding rules.
 
 Modules only speak logical axis names ("embed", "mlp", "batch", ...); this file is the one place
 that turns them into mesh axes, using the `mesh.rules` table of the config.
@@ -17,15 +18,18 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from errors import MeshError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# Outer to inner. The last axes (tensor, then sequence) exchange the most data; they run over
+# neighbouring devices in jax's device order, so on a cluster they stay within a host if they fit.
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 Rules = tuple[tuple[str, Any], ...]
 log = logging.getLogger(__name__)
 
 
 def mesh_shape(mesh_cfg: Mapping[str, Any], n_devices: int) -> tuple[int, ...]:
-    """Sizes of (data, fsdp, tensor); at most one -1, which takes the remaining devices. A
-    MeshError names the `mesh.*` keys that do not fit."""
-    sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+    """Sizes of (data, fsdp, sequence, tensor); at most one -1, which takes the remaining
+    devices; an axis the config lacks (a run saved before it existed) is 1. A MeshError names
+    the `mesh.*` keys that do not fit."""
+    sizes = [int(mesh_cfg.get(a, 1)) for a in MESH_AXES]
     shown = ", ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes))
     for axis, size in zip(MESH_AXES, sizes):
         if size == 0 or size < -1:
@@ -45,7 +49,7 @@ def mesh_shape(mesh_cfg: Mapping[str, Any], n_devices: int) -> tuple[int, ...]:
     elif fixed != n_devices:
         raise MeshError(
             f"{shown} needs {fixed} devices but {n_devices} are present; make "
-            f"data*fsdp*tensor equal {n_devices}, or set one axis to -1")
+            f"data*fsdp*sequence*tensor equal {n_devices}, or set one axis to -1")
     return tuple(sizes)
 
 
@@ -53,8 +57,9 @@ def make_mesh(mesh_cfg: Mapping[str, Any], devices: Sequence[jax.Device] | None 
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_cfg, len(devices))
     if devices == jax.devices():
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+                axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def rules_from_config(rules: Sequence[Sequence[Any]]) -> Rules:
