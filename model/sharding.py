@@ -137,3 +137,24 @@ def batch_divisor(axis_sizes: Mapping[str, int], rules: Rules) -> int:
     axes = nn.logical_to_mesh_axes(("batch",), rules)[0]
     axes = axes if isinstance(axes, tuple) else (axes,)
     return math.prod(axis_sizes[a] for a in axes if a is not None)
+
+
+def check_process_rows(mesh: Mesh, rules: Rules) -> None:
+    """In a multi-process run every process reads its own rows of the batch
+    (`jax.make_array_from_process_local_data`), so no block of rows may lie on devices of two
+    processes: the mesh axes outside the batch's must fit within one process's devices."""
+    names = nn.logical_to_mesh_axes(("batch",), rules)[0]
+    names = [a for a in (names if isinstance(names, tuple) else (names,)) if a is not None]
+    owners: dict[tuple[int, ...], set[int]] = {}
+    for index in np.ndindex(mesh.devices.shape):
+        block = tuple(index[mesh.axis_names.index(a)] for a in names)
+        owners.setdefault(block, set()).add(mesh.devices[index].process_index)
+    shared = next((sorted(p) for p in owners.values() if len(p) > 1), None)
+    if shared:
+        inner = ", ".join(f"mesh.{a}={n}" for a, n in mesh.shape.items()
+                          if a not in names and n > 1)
+        raise MeshError(
+            f"{inner} spans the devices of processes {shared}, which read different rows of the "
+            f"batch; axes outside the batch's must fit within one process's "
+            f"{jax.local_device_count()} devices: make them smaller, or run fewer processes with "
+            "more devices each (e.g. one per host)")

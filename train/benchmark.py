@@ -9,6 +9,12 @@ one JSON line per measurement: params, step time, tokens/s, model TFLOP/s, MFU a
 peak, compile time and peak device memory. FLOPs count like ../shared/bench/reference_gpt.py
 (6N + 12*L*d*T per token), so the two print comparable figures side by side.
 
+With --sequence-memory it compiles (runs nothing) the train step at each of --seq-lens with the
+length on one device or split over --sequence-sizes devices (mesh.sequence), and prints the
+per-device temp/argument/output memory from XLA's memory_analysis (train/sequence_memory.py):
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu python -m train.benchmark \
+        --config configs/bench_tiny.py --sequence-memory [--seq-lens 8192,32768] [--sequence-sizes 1,4]
+
 With --generate it times greedy decoding instead (random weights and prompt tokens, no stop
 token): time to first token (prefill + the first token) and decode tokens/s after it, for each
 batch size, with the KV cache and by recomputing the whole sequence every step.
@@ -39,10 +45,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--prompt-len", type=int, default=128, help="--generate: prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=128, help="--generate: new tokens")
     parser.add_argument("--repeats", type=int, default=3, help="--generate: timed runs each")
+    # sequence-parallel memory (train/sequence_memory.py)
+    parser.add_argument("--sequence-memory", action="store_true",
+                        help="per-device memory of the compiled train step (memory_analysis) "
+                             "for each length and mesh.sequence size; compiles, runs nothing")
+    parser.add_argument("--seq-lens", default="8192,32768", help="--sequence-memory: lengths")
+    parser.add_argument("--sequence-sizes", default="1,4",
+                        help="--sequence-memory: mesh.sequence sizes")
     with fail_cleanly("--verbose" in argv):
         args, config = parse(parser, argv)
         from train import measure   # deferred: --help stays fast
-        if args.generate:
+        if args.sequence_memory:
+            from train import sequence_memory   # deferred: --help stays fast
+            sequence_memory.measure(config, [int(n) for n in args.seq_lens.split(",")],
+                                    [int(n) for n in args.sequence_sizes.split(",")])
+        elif args.generate:
             measure.measure_generate(config, [int(b) for b in args.batch_sizes.split(",")],
                                      args.prompt_len, args.new_tokens, args.repeats)
         elif args.reference:

@@ -18,7 +18,8 @@ from ml_collections import ConfigDict
 from data.tokenizer import Tokenizer, check_tokenizer
 from errors import ConfigError
 from model.config import ModelConfig
-from model.sharding import Rules, activate, batch_sharding, make_mesh, rules_from_config
+from model.sharding import (Rules, activate, batch_sharding, check_process_rows, make_mesh,
+                            rules_from_config)
 from train import families, optimizer, state as state_lib, step as step_lib
 
 
@@ -55,6 +56,8 @@ def build(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Se
     `train.config.validate` accepted and whose vocab size is known (`with_vocab`)."""
     mesh = make_mesh(config.mesh, devices)
     rules = rules_from_config(config.mesh.rules)
+    if jax.process_count() > 1:
+        check_process_rows(mesh, rules)
     model_cfg = ModelConfig.from_mapping(config.model)
     model = families.build(model_cfg)
     tx, lr_schedule = optimizer.make(config.opt, config.train.steps)
