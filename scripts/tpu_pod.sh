@@ -33,5 +33,4 @@ if [[ "${SETUP:-0}" == "1" ]]; then
 fi
 
 args=$(printf ' %q' "$@")
-run_everywhere "cd $REPO && python -m train --config $CONFIG --workdir $WORKDIR --no-progress$args \
-    2>&1 | tee -a /tmp/loom-train.log"
+run_everywhere "cd $REPO && python -m train --config $CONFIG --workdir $WORKDIR --no-progress $args"
