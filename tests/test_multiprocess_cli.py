@@ -92,8 +92,10 @@ def _reference_losses(config, n):
     return losses
 
 
-@pytest.mark.parametrize("n, mesh", [(2, dict(data=2, fsdp=2, tensor=1)),
-                                     (4, dict(data=2, fsdp=2, tensor=2))])
+# 2 processes: fsdp across them, sequence parallelism within each; 4: data x fsdp across them,
+# tensor parallelism within each
+@pytest.mark.parametrize("n, mesh", [(2, dict(data=1, fsdp=2, sequence=2, tensor=1)),
+                                     (4, dict(data=2, fsdp=2, sequence=1, tensor=2))])
 def test_cli_processes_killed_after_a_checkpoint_resume_and_match_one_process(
         config, tmp_path, n, mesh):
     config.mesh.update(mesh)
