@@ -31,6 +31,7 @@ from data.interleave import InterleaveExamples
 from data.packing import Doc
 from data.tokenizer import Tokenizer
 from errors import DataError
+from model.sharding import wait_for_all_processes
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +257,7 @@ def load_or_train_tokenizer(data_cfg: Mapping[str, Any], workdir: str | Path) ->
         for split in {data_cfg["train_split"], data_cfg["eval_split"]}:
             documents(data_cfg, split)
         tokenizer = _load_or_train_tokenizer(data_cfg, workdir)
-    _wait_for_all_processes("loom: corpus prepared and vocabulary saved")
+    wait_for_all_processes("loom: corpus prepared and vocabulary saved")
     if jax.process_index() != 0:
         if not (Path(workdir) / tokenizer_lib.MODEL_FILE).exists():
             raise DataError(f"process {jax.process_index()} cannot see {workdir}/"
@@ -264,14 +265,6 @@ def load_or_train_tokenizer(data_cfg: Mapping[str, Any], workdir: str | Path) ->
                             "run needs the same --workdir on a shared filesystem")
         tokenizer = _load_or_train_tokenizer(data_cfg, workdir)
     return tokenizer
-
-
-def _wait_for_all_processes(name: str, timeout_s: int = 3 * 3600) -> None:
-    """A barrier of every process through jax.distributed's coordination service, which waits
-    as long as process 0 takes to prepare a corpus and train a vocabulary; a device collective
-    (sync_global_devices) gives up after 30 s on CPU processes (gloo)."""
-    from jax._src import distributed   # its client is what jax's own serialization waits on
-    distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
 
 
 def _load_or_train_tokenizer(data_cfg: Mapping[str, Any], workdir: str | Path) -> Tokenizer:

@@ -158,3 +158,12 @@ def check_process_rows(mesh: Mesh, rules: Rules) -> None:
             f"batch; axes outside the batch's must fit within one process's "
             f"{jax.local_device_count()} devices: make them smaller, or run fewer processes with "
             "more devices each (e.g. one per host)")
+
+
+def wait_for_all_processes(name: str, timeout_s: int = 3 * 3600) -> None:
+    """A barrier of every process of a jax.distributed cluster through its coordination service,
+    which waits as long as the slowest process needs (preparing a corpus, compiling); a device
+    collective on CPU processes (gloo) gives up when one arrives 30 s after another. `name`
+    must be the same on every process and new for each barrier."""
+    from jax._src import distributed   # its client is what jax's own serialization waits on
+    distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)

@@ -187,8 +187,8 @@ def test_cluster_flags_and_environment():
     assert cluster({"coordinator": "10.0.0.1:1234", "num_processes": "4", "process_id": "3"}) \
         == distributed.Cluster("10.0.0.1:1234", 4, 3)
     # a flag wins over its environment variable; the variables complete the flags
-    assert cluster({"process_id": "1"}, {"LOOM_COORDINATOR": "h:9", "LOOM_NUM_PROCESSES": "2",
-                                         "LOOM_PROCESS_ID": "0"}) == distributed.Cluster("h:9", 2, 1)
+    env = {"LOOM_COORDINATOR": "h:9", "LOOM_NUM_PROCESSES": "2", "LOOM_PROCESS_ID": "0"}
+    assert cluster({"process_id": "1"}, env) == distributed.Cluster("h:9", 2, 1)
     assert cluster({"num_processes": "1"}) == distributed.Cluster(None, 1, 0)   # forced alone
     for flags, env, message in [
             ({"num_processes": "4"}, {}, "--num-processes=4 needs --coordinator and --process-id"),

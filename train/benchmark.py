@@ -13,7 +13,8 @@ With --sequence-memory it compiles (runs nothing) the train step at each of --se
 length on one device or split over --sequence-sizes devices (mesh.sequence), and prints the
 per-device temp/argument/output memory from XLA's memory_analysis (train/sequence_memory.py):
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu python -m train.benchmark \
-        --config configs/bench_tiny.py --sequence-memory [--seq-lens 8192,32768] [--sequence-sizes 1,4]
+        --config configs/bench_tiny.py --sequence-memory [--seq-lens 8192,32768] \
+        [--sequence-sizes 1,4]
 
 With --generate it times greedy decoding instead (random weights and prompt tokens, no stop
 token): time to first token (prefill + the first token) and decode tokens/s after it, for each

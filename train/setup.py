@@ -7,6 +7,7 @@ benchmarks all start from `build`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Sequence
 
 import flax.linen as nn
@@ -19,7 +20,7 @@ from data.tokenizer import Tokenizer, check_tokenizer
 from errors import ConfigError
 from model.config import ModelConfig
 from model.sharding import (Rules, activate, batch_sharding, check_process_rows, make_mesh,
-                            rules_from_config)
+                            rules_from_config, wait_for_all_processes)
 from train import families, optimizer, state as state_lib, step as step_lib
 
 
@@ -41,14 +42,38 @@ class Setup:
         return families.objective(self.config.train.objective)
 
     def train_step(self):
-        return step_lib.jit_train_step(
+        return in_step(step_lib.jit_train_step(
             self.state_shardings, self.batch_sharding, objective=self.objective.loss,
             model=self.model, tx=self.tx, lr_schedule=self.lr_schedule,
-            grad_accum=self.config.opt.grad_accum, z_loss=self.config.train.z_loss)
+            grad_accum=self.config.opt.grad_accum, z_loss=self.config.train.z_loss), "train")
 
     def eval_step(self):
-        return step_lib.jit_eval_step(self.state_shardings.params, self.batch_sharding,
-                                      objective=self.objective.loss, model=self.model)
+        return in_step(step_lib.jit_eval_step(
+            self.state_shardings.params, self.batch_sharding, objective=self.objective.loss,
+            model=self.model), "eval")
+
+
+
+_compiled_steps = itertools.count()   # the same sequence on every process: barrier names
+
+
+def in_step(jitted, name: str):
+    """`jitted` as it is with one process. With several, its first call compiles it ahead of
+    time and waits until every process has, so all enter its collectives together: on CPU
+    (gloo) a process that reaches a step's first collective 30 s after another (compile times
+    differ on a loaded host) kills the run. `.lower` stays available."""
+    if jax.process_count() == 1:
+        return jitted
+    compiled = []
+
+    def call(*args):
+        if not compiled:
+            compiled.append(jitted.lower(*args).compile())
+            wait_for_all_processes(f"loom: {name} step {next(_compiled_steps)} compiled")
+        return compiled[0](*args)
+
+    call.lower = jitted.lower
+    return call
 
 
 def build(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Setup:
