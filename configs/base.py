@@ -20,7 +20,7 @@ DEFAULT_RULES = (
     ("pos", None),
     ("type_vocab", None),
     ("embed_out", None),   # output side of a D x D' head or projection (pooler, MLM transform)
-    ("seq", None),
+    ("seq", "sequence"),   # activations split along the length (sequence parallelism)
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
@@ -116,6 +116,8 @@ HELP = {
                                   "in checkpoints: resuming with another vocabulary fails)",
     "mesh.data": "data-parallel mesh axis size; -1 = fill with the remaining devices",
     "mesh.fsdp": "fully-sharded data-parallel axis size; -1 = fill",
+    "mesh.sequence": "sequence (context) parallel axis size: activations split along the length, "
+                     "K/V all-gathered for attention; data.seq_len must divide by it; -1 = fill",
     "mesh.tensor": "tensor-parallel axis size; -1 = fill",
     "mesh.rules": "logical axis name -> mesh axis (or tuple of axes, or None) table",
     "opt.lr": "peak learning rate",
@@ -204,7 +206,7 @@ def get_config() -> ConfigDict:
                                   sample_chars=5_000_000, character_coverage=0.9995,
                                   fingerprint="")),
     ))
-    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=DEFAULT_RULES))
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, sequence=1, tensor=1, rules=DEFAULT_RULES))
     c.opt = ConfigDict(dict(
         lr=3e-4, schedule="cosine", warmup_steps=200, min_lr_ratio=0.1, b1=0.9, b2=0.95,
         eps=1e-8, weight_decay=0.1, clip_norm=1.0, grad_accum=1,

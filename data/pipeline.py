@@ -31,6 +31,7 @@ from data.interleave import InterleaveExamples
 from data.packing import Doc
 from data.tokenizer import Tokenizer
 from errors import DataError
+from model.sharding import wait_for_all_processes
 
 log = logging.getLogger(__name__)
 
@@ -264,12 +265,11 @@ def load_or_train_tokenizer(data_cfg: Mapping[str, Any], workdir: str | Path) ->
     """
     if jax.process_count() == 1:
         return _load_or_train_tokenizer(data_cfg, workdir)
-    from jax.experimental import multihost_utils   # deferred: multi-process runs only
     if jax.process_index() == 0:
         for split in {data_cfg["train_split"], data_cfg["eval_split"]}:
             documents(data_cfg, split)
         tokenizer = _load_or_train_tokenizer(data_cfg, workdir)
-    multihost_utils.sync_global_devices("loom: corpus prepared and vocabulary saved")
+    wait_for_all_processes("loom: corpus prepared and vocabulary saved")
     if jax.process_index() != 0:
         if not (Path(workdir) / tokenizer_lib.MODEL_FILE).exists():
             raise DataError(f"process {jax.process_index()} cannot see {workdir}/"

@@ -78,6 +78,19 @@ def cudnn_packed_attention(q_BxTxNxK: jax.Array, k_BxTxGxK: jax.Array, v_BxTxGxK
     return jnp.where((segment_ids_BxT != 0)[:, :, None, None], out_BxTxNxK, 0)
 
 
+def gather_length(kv_BxSxGxK: jax.Array) -> jax.Array:
+    """Keys or values whole along the length S, for sequence (context) parallelism.
+
+    Queries, like every activation, stay split along the length over the `sequence` mesh axis
+    (the "seq" rule); each query block needs every key, so K and V are all-gathered over it
+    (a no-op when nothing splits the length). The masks are computed on the global shapes, so
+    the partitioner offsets causal and segment masks per block by itself. Ring attention would
+    instead pass K/V blocks around with an online softmax, overlapping the transfers with
+    compute, at the cost of a hand-written kernel in place of `dot_product_attention`.
+    """
+    return constrain(kv_BxSxGxK, ("batch", None, "act_kv_heads", "head_dim"))
+
+
 def attention_impl(cfg: ModelConfig, decode: bool) -> str:
     if cfg.attention != "auto":
         return cfg.attention
@@ -131,6 +144,7 @@ class Attention(nn.Module):
                 mask = None if segment_ids_BxT is None else segment_mask(segment_ids_BxT,
                                                                           segment_ids_BxT)
 
+        k_BxSxGxK, v_BxSxGxK = gather_length(k_BxSxGxK), gather_length(v_BxSxGxK)
         impl = attention_impl(cfg, self.decode)
         if impl == "xla":
             out_BxTxNxK = xla_attention(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask, is_causal)

@@ -1,4 +1,5 @@
-"""Device mesh from the config's `data`/`fsdp`/`tensor` axes, and logical-name sharding rules.
+"""Device mesh from the config's `data`/`fsdp`/`sequence`/`tensor` axes, and logical-name
+sharding rules.
 
 Modules only speak logical axis names ("embed", "mlp", "batch", ...); this file is the one place
 that turns them into mesh axes, using the `mesh.rules` table of the config.
@@ -17,15 +18,18 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from errors import MeshError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# Outer to inner. The last axes (tensor, then sequence) exchange the most data; they run over
+# neighbouring devices in jax's device order, so on a cluster they stay within a host if they fit.
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 Rules = tuple[tuple[str, Any], ...]
 log = logging.getLogger(__name__)
 
 
 def mesh_shape(mesh_cfg: Mapping[str, Any], n_devices: int) -> tuple[int, ...]:
-    """Sizes of (data, fsdp, tensor); at most one -1, which takes the remaining devices. A
-    MeshError names the `mesh.*` keys that do not fit."""
-    sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+    """Sizes of (data, fsdp, sequence, tensor); at most one -1, which takes the remaining
+    devices; an axis the config lacks (a run saved before it existed) is 1. A MeshError names
+    the `mesh.*` keys that do not fit."""
+    sizes = [int(mesh_cfg.get(a, 1)) for a in MESH_AXES]
     shown = ", ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes))
     for axis, size in zip(MESH_AXES, sizes):
         if size == 0 or size < -1:
@@ -45,7 +49,7 @@ def mesh_shape(mesh_cfg: Mapping[str, Any], n_devices: int) -> tuple[int, ...]:
     elif fixed != n_devices:
         raise MeshError(
             f"{shown} needs {fixed} devices but {n_devices} are present; make "
-            f"data*fsdp*tensor equal {n_devices}, or set one axis to -1")
+            f"data*fsdp*sequence*tensor equal {n_devices}, or set one axis to -1")
     return tuple(sizes)
 
 
@@ -53,8 +57,9 @@ def make_mesh(mesh_cfg: Mapping[str, Any], devices: Sequence[jax.Device] | None 
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_cfg, len(devices))
     if devices == jax.devices():
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+                axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def rules_from_config(rules: Sequence[Sequence[Any]]) -> Rules:
@@ -132,3 +137,33 @@ def batch_divisor(axis_sizes: Mapping[str, int], rules: Rules) -> int:
     axes = nn.logical_to_mesh_axes(("batch",), rules)[0]
     axes = axes if isinstance(axes, tuple) else (axes,)
     return math.prod(axis_sizes[a] for a in axes if a is not None)
+
+
+def check_process_rows(mesh: Mesh, rules: Rules) -> None:
+    """In a multi-process run every process reads its own rows of the batch
+    (`jax.make_array_from_process_local_data`), so no block of rows may lie on devices of two
+    processes: the mesh axes outside the batch's must fit within one process's devices."""
+    names = nn.logical_to_mesh_axes(("batch",), rules)[0]
+    names = [a for a in (names if isinstance(names, tuple) else (names,)) if a is not None]
+    owners: dict[tuple[int, ...], set[int]] = {}
+    for index in np.ndindex(mesh.devices.shape):
+        block = tuple(index[mesh.axis_names.index(a)] for a in names)
+        owners.setdefault(block, set()).add(mesh.devices[index].process_index)
+    shared = next((sorted(p) for p in owners.values() if len(p) > 1), None)
+    if shared:
+        inner = ", ".join(f"mesh.{a}={n}" for a, n in mesh.shape.items()
+                          if a not in names and n > 1)
+        raise MeshError(
+            f"{inner} spans the devices of processes {shared}, which read different rows of the "
+            f"batch; axes outside the batch's must fit within one process's "
+            f"{jax.local_device_count()} devices: make them smaller, or run fewer processes with "
+            "more devices each (e.g. one per host)")
+
+
+def wait_for_all_processes(name: str, timeout_s: int = 3 * 3600) -> None:
+    """A barrier of every process of a jax.distributed cluster through its coordination service,
+    which waits as long as the slowest process needs (preparing a corpus, compiling); a device
+    collective on CPU processes (gloo) gives up when one arrives 30 s after another. `name`
+    must be the same on every process and new for each barrier."""
+    from jax._src import distributed   # its client is what jax's own serialization waits on
+    distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)

@@ -14,9 +14,10 @@ from train.setup import build
 
 
 def test_mesh_fill_and_errors():
-    assert mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2)
-    assert make_mesh({"data": 2, "fsdp": 2, "tensor": 2}).shape == {"data": 2, "fsdp": 2,
-                                                                    "tensor": 2}
+    assert mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 1, 2)
+    assert mesh_shape({"data": 2, "sequence": -1, "tensor": 2}, 8) == (2, 1, 2, 2)
+    assert make_mesh({"data": 2, "fsdp": 2, "tensor": 2}).shape == {
+        "data": 2, "fsdp": 2, "sequence": 1, "tensor": 2}
     with pytest.raises(MeshError, match="needs 12 devices but 8 are present"):
         mesh_shape({"data": 3, "fsdp": 2, "tensor": 2}, 8)
     with pytest.raises(MeshError, match="only one mesh axis may be -1"):
@@ -72,7 +73,7 @@ def test_sharded_step_matches_single_device(config):
 
     # the state really is spread over the devices: every device holds the block its spec names
     mesh = state_many.params["embed"]["embedding"].sharding.mesh
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "sequence": 1, "tensor": 2}
     held = total = 0
     for x in jax.tree.leaves(state_many):
         block = _block_shape(x.shape, x.sharding.spec, mesh)
@@ -106,3 +107,57 @@ def test_gradient_accumulation_matches_full_batch(config):
     np.testing.assert_allclose(full, acc, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5),
                  jax.device_get(s_full.params), jax.device_get(s_acc.params))
+
+
+def _packed_batch(config, sharding, seed):
+    """clm rows packed with three documents each (positions restart, segment ids 1..3) and a
+    padded tail (segment 0, weight 0): the masks sequence parallelism must keep."""
+    from train.synthetic import clm_batch
+    rows, length = config.data.batch_size, config.data.seq_len
+    batch = {k: np.array(v) for k, v in clm_batch(rows, length, config.model.vocab_size,
+                                                     seed).items()}
+    bounds = [0, 11, 24, 29, length]
+    segments, positions = np.zeros((rows, length), np.int32), np.zeros((rows, length), np.int32)
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        segments[:, a:b] = i + 1 if b < length else 0
+        positions[:, a:b] = np.arange(b - a)
+    batch.update(segment_ids=segments, positions=positions,
+                 weights=(segments > 0).astype(np.float32))
+    return jax.device_put(batch, sharding)
+
+
+def test_sequence_parallel_step_matches_single_device(config):
+    """data x sequence x tensor = 2 x 2 x 2: activations split along the length, K/V gathered
+    for attention; causal and packed-segment masks give the one-device numbers."""
+    def two_steps(devices):
+        setup = build(config, devices)
+        with activate(setup.mesh, setup.rules):
+            state = state_lib.init(setup.model, setup.model_cfg, setup.tx,
+                                   setup.state_shardings, 0)
+            step = setup.train_step()
+            losses = []
+            for seed in range(2):
+                batch = _packed_batch(config, setup.batch_sharding, seed)
+                state, metrics = step(state, batch)
+                losses.append(float(metrics["loss"]))
+            logits = jax.jit(lambda p, b: setup.model.apply(
+                {"params": p}, b["inputs"], b["positions"], b["segment_ids"]))(state.params, batch)
+        return losses, state, logits
+
+    config.model.vocab_size = 512
+    config.mesh.update(data=1, fsdp=1, sequence=1, tensor=1)
+    one, state_one, logits_one = two_steps(jax.devices()[:1])
+    config.mesh.update(data=2, fsdp=1, sequence=2, tensor=2)
+    many, state_many, logits_many = two_steps(jax.devices())
+    # the activations really are split along the length over the sequence axis
+    assert logits_many.sharding.spec[1] == "sequence"
+    assert {s.data.shape for s in logits_many.addressable_shards} == {(4, 16, 256)}
+    np.testing.assert_allclose(one, many, rtol=1e-5)
+    np.testing.assert_allclose(logits_one, logits_many, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5),
+                 jax.device_get(state_one.params), jax.device_get(state_many.params))
+    # a length the sequence axis does not split is refused before anything compiles
+    from train.config import validate
+    config.data.seq_len = 31
+    with pytest.raises(MeshError, match="data.seq_len=31 does not split over mesh.sequence=2"):
+        validate(config)

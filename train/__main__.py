@@ -6,6 +6,7 @@ import sys
 
 from configs.loader import parse
 from errors import fail_cleanly
+from train import distributed
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,8 +19,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", required=True,
                         help="run directory: checkpoints, tokenizer, metrics.jsonl, tensorboard/")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    distributed.add_flags(parser)
     with fail_cleanly("--verbose" in argv):
         args, config = parse(parser, argv)
+        distributed.initialize(args)
         from train.loop import train   # deferred: --help stays fast
         train(config, args.workdir, progress=not args.no_progress)
 

@@ -16,6 +16,13 @@ do not depend on how busy the machine is). FLOPs count like ../shared/bench/refe
 independent reference GPT and nanodo's own train step (a checkout of google-deepmind/nanodo) on
 the same shape and dtype, alternating rounds with Loom, and print the median ratios.
 
+With --sequence-memory it compiles (runs nothing) the train step at each of --seq-lens with the
+length on one device or split over --sequence-sizes devices (mesh.sequence), and prints the
+per-device temp/argument/output memory from XLA's memory_analysis (train/sequence_memory.py):
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu python -m train.benchmark \
+        --config configs/bench_tiny.py --sequence-memory [--seq-lens 8192,32768] \
+        [--sequence-sizes 1,4]
+
 With --generate it times greedy decoding instead (random weights and prompt tokens, no stop
 token): time to first token (prefill + the first token) and decode tokens/s after it, for each
 batch size, with the KV cache and by recomputing the whole sequence every step.
@@ -90,15 +97,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--loop-steps", type=int, default=125, help="--loop: steps per run")
     parser.add_argument("--ckpt-every", type=int, default=25, help="--loop: ckpt.every")
     parser.add_argument("--log-every", type=int, default=25, help="--loop: train.log_every")
+    # sequence-parallel memory (train/sequence_memory.py)
+    parser.add_argument("--sequence-memory", action="store_true",
+                        help="per-device memory of the compiled train step (memory_analysis) "
+                             "for each length and mesh.sequence size; compiles, runs nothing")
+    parser.add_argument("--seq-lens", default="8192,32768", help="--sequence-memory: lengths")
+    parser.add_argument("--sequence-sizes", default="1,4",
+                        help="--sequence-memory: mesh.sequence sizes")
     with fail_cleanly("--verbose" in argv):
         args, config = parse(parser, argv)
-        if args.memory:
+        if args.memory or args.sequence_memory:
             _fake_cpu_devices(8)
         from train import measure   # deferred: --help stays fast
         from train.perf import compile_time, loop_overhead, memory
         for dtype in (args.dtypes.split(",") if args.dtypes else [config.model.dtype]):
             cfg = measure.with_dtype(config, dtype)
-            if args.memory:
+            if args.sequence_memory:
+                from train import sequence_memory   # deferred: --help stays fast
+                sequence_memory.measure(cfg, [int(n) for n in args.seq_lens.split(",")],
+                                        [int(n) for n in args.sequence_sizes.split(",")])
+            elif args.memory:
                 memory.report(cfg)
             elif args.compile:
                 compile_time.report(cfg, [int(d) for d in args.depths.split(",")])

@@ -168,8 +168,8 @@ def _check_lengths(cfg: ConfigDict, model: ModelConfig) -> None:
 
 
 def _check_mesh(cfg: ConfigDict, devices: Sequence[jax.Device] | None) -> None:
-    """The mesh axes fit the devices, mesh.rules is a well-formed table, and the micro-batch
-    splits over the batch's mesh axes."""
+    """The mesh axes fit the devices, mesh.rules is a well-formed table, the micro-batch
+    splits over the batch's mesh axes and the lengths over the sequence axis."""
     n_devices = len(jax.devices() if devices is None else devices)
     sizes = dict(zip(MESH_AXES, mesh_shape(cfg.mesh, n_devices)))
     divisor = batch_divisor(sizes, rules_from_config(cfg.mesh.rules))
@@ -178,3 +178,11 @@ def _check_mesh(cfg: ConfigDict, devices: Sequence[jax.Device] | None) -> None:
            f"the micro-batch of {micro} rows (data.batch_size / opt.grad_accum) does not split "
            f"over the {divisor} devices of the batch's mesh axes (the 'batch' entry of "
            f"mesh.rules); use a multiple of {divisor}", MeshError)
+    # sequence parallelism gives each device of the `sequence` axis an equal slice of the length
+    lengths = {"data.seq_len": cfg.data.seq_len,
+               "the decoder length (data.target_len, 0 = derived)":
+                   data_config.target_length(cfg.data, cfg.train.objective)}
+    for name, length in lengths.items():
+        _check(not length or length % sizes["sequence"] == 0,
+               f"{name}={length} does not split over mesh.sequence={sizes['sequence']} devices; "
+               f"use a length that is a multiple of {sizes['sequence']}", MeshError)

@@ -21,6 +21,7 @@ from typing import Sequence
 
 from configs.loader import parse_run
 from errors import fail_cleanly
+from train import distributed
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -41,8 +42,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--predictions", help="fine-tuned task runs: write one JSON line per "
                         "example of the split (input, gold, prediction, score) to this file, "
                         "and the task metrics to FILE.summary.json")
+    distributed.add_flags(parser)
     with fail_cleanly("--verbose" in argv):
         args, config_args = parse_run(parser, argv)
+        distributed.initialize(args)
         from train.evaluation.evaluate import run   # deferred: --help stays fast
         run(args.workdir, args.step, split=args.split, steps=args.steps, choices=args.choices,
             config_args=config_args, predictions=args.predictions, shots=args.shots,

@@ -14,7 +14,8 @@ import sys
 from typing import Sequence
 
 from configs.loader import parse
-from errors import fail_cleanly
+from errors import ConfigError, fail_cleanly
+from train import distributed
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -35,18 +36,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     from_hf.add_argument("--hf", required=True, help="Hugging Face model directory")
     from_hf.add_argument("--workdir", required=True, help="new run directory")
+    for command in (to, from_hf):
+        distributed.add_flags(command)
     with fail_cleanly("--verbose" in argv):
         if argv[:1] == ["from-hf"]:
             args, config = parse(from_hf, argv[1:], config_required=False)
+            if distributed.initialize(args) > 1:
+                raise ConfigError("from-hf makes a new run in one process; run it on one host "
+                                  "(--num-processes 1), then train on all of them")
             from train.hf.convert import import_hf   # deferred: --help stays fast
             path = import_hf(args.hf, args.workdir, config, config_args=argv[1:])
-            print(f"imported {args.hf} into {args.workdir}; continue training with:\n"
-                  f"  python -m train --config {path} --workdir {args.workdir}")
+            if distributed.main_process():
+                print(f"imported {args.hf} into {args.workdir}; continue training with:\n"
+                      f"  python -m train --config {path} --workdir {args.workdir}")
         else:
             args = parser.parse_args(argv)
+            distributed.initialize(args)
             from train.hf.convert import export   # deferred: --help stays fast
             out = export(args.workdir, args.out, args.step, args.layout)
-            print(f"wrote {out}")
+            if distributed.main_process():
+                print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Sequence
 
 from configs.loader import parse_run
 from errors import fail_cleanly
+from train import distributed
 from train.decoding.options import Options
 
 DEFAULTS = Options()
@@ -46,8 +47,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "(0 = half the window)")
     parser.add_argument("--no-cache", action="store_true",
                         help="recompute the whole sequence every step (slow; for comparison)")
+    distributed.add_flags(parser)
     with fail_cleanly("--verbose" in argv):
         args, config_args = parse_run(parser, argv)
+        distributed.initialize(args)
         options = Options(args.strategy, args.temperature, args.top_k, args.top_p,
                           args.beam_width, args.length_penalty)
         from train.decoding.generate import generate_run   # deferred: --help stays fast
@@ -55,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                              config_args=config_args, max_new_tokens=args.max_new_tokens,
                              seed=args.seed, stops=args.stop, window=args.window,
                              keep=args.keep, use_cache=not args.no_cache)
-        for text in texts:
+        for text in texts if distributed.main_process() else ():
             print(text, flush=True)
             if len(args.prompt) > 1:
                 print("-" * 40)

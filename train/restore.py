@@ -66,7 +66,7 @@ def restore(workdir: str | Path, step: str | int = "latest", *,
     """
     workdir = Path(workdir).expanduser()
     config, resolved = saved_config(workdir, step)
-    config.mesh.update(data=-1, fsdp=1, tensor=1)
+    config.mesh.update(data=-1, fsdp=1, sequence=1, tensor=1)
     for key, value in (overrides or {}).items():
         if key.startswith("model."):
             raise CheckpointError(f"{key} cannot be changed when restoring: the checkpoint's "

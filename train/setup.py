@@ -7,6 +7,7 @@ benchmarks all start from `build`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Sequence
 
 import flax.linen as nn
@@ -18,7 +19,8 @@ from ml_collections import ConfigDict
 from data.tokenizer import Tokenizer, check_tokenizer
 from errors import ConfigError
 from model.config import ModelConfig
-from model.sharding import Rules, activate, batch_sharding, make_mesh, rules_from_config
+from model.sharding import (Rules, activate, batch_sharding, check_process_rows, make_mesh,
+                            rules_from_config, wait_for_all_processes)
 from train import families, lora, optimizer, state as state_lib, step as step_lib, synthetic
 
 
@@ -40,15 +42,39 @@ class Setup:
         return families.objective(self.config.train.objective)
 
     def train_step(self):
-        return step_lib.jit_train_step(
+        return in_step(step_lib.jit_train_step(
             self.state_shardings, self.batch_sharding, objective=self.objective.loss,
             model=self.model, tx=self.tx, lr_schedule=self.lr_schedule,
             grad_accum=self.config.opt.grad_accum, z_loss=self.config.train.z_loss,
-            skip_nonfinite=self.config.train.get("nonfinite") == "skip")
+            skip_nonfinite=self.config.train.get("nonfinite") == "skip"), "train")
 
     def eval_step(self):
-        return step_lib.jit_eval_step(self.state_shardings.params, self.batch_sharding,
-                                      objective=self.objective.loss, model=self.model)
+        return in_step(step_lib.jit_eval_step(
+            self.state_shardings.params, self.batch_sharding, objective=self.objective.loss,
+            model=self.model), "eval")
+
+
+
+_compiled_steps = itertools.count()   # the same sequence on every process: barrier names
+
+
+def in_step(jitted, name: str):
+    """`jitted` as it is with one process. With several, its first call compiles it ahead of
+    time and waits until every process has, so all enter its collectives together: on CPU
+    (gloo) a process that reaches a step's first collective 30 s after another (compile times
+    differ on a loaded host) kills the run. `.lower` stays available."""
+    if jax.process_count() == 1:
+        return jitted
+    compiled = []
+
+    def call(*args):
+        if not compiled:
+            compiled.append(jitted.lower(*args).compile())
+            wait_for_all_processes(f"loom: {name} step {next(_compiled_steps)} compiled")
+        return compiled[0](*args)
+
+    call.lower = jitted.lower
+    return call
 
 
 def build(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Setup:
@@ -56,6 +82,8 @@ def build(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Se
     `train.config.validate` accepted and whose vocab size is known (`with_vocab`)."""
     mesh = make_mesh(config.mesh, devices)
     rules = rules_from_config(config.mesh.rules)
+    if jax.process_count() > 1:
+        check_process_rows(mesh, rules)
     model_cfg = ModelConfig.from_mapping(config.model)
     # labels are resolved from the train split when a run starts (train/finetune/backbone.py);
     # unresolved (benchmarks, shape checks) the head fits the synthetic batches' labels

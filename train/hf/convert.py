@@ -103,7 +103,11 @@ def export(workdir: str | Path, out: str | Path, step: str | int = "latest",
     """The checkpoint of `workdir` at `step` as a Hugging Face directory `out`."""
     config, _ = saved_config(workdir, step)
     chosen = choose_layout(ModelConfig.from_mapping(config.model), layout)  # before any restore
-    run = restore(workdir, step, devices=jax.devices("cpu")[:1])
+    # Each process restores onto its own CPU device (Orbax restores on every process of a
+    # cluster) and process 0 alone writes the directory.
+    run = restore(workdir, step, devices=jax.local_devices(backend="cpu")[:1])
+    if jax.process_index() != 0:
+        return Path(out).expanduser()
     return write_hf(out, run.params, run.setup.model_cfg, run.tokenizer, chosen)
 
 
