@@ -129,3 +129,7 @@ def test_loop_report_times_the_real_loop_against_the_bare_step(config, capsys):
     assert summary["loop_tok_per_s"] > 0 and summary["bare_tok_per_s"] > 0
     assert summary["ratio"] == pytest.approx(
         summary["loop_tok_per_s"] / summary["bare_tok_per_s"], abs=0.01)
+    # the process's CPU seconds per step, read at the same logged steps / around the bare steps
+    assert summary["loop_cpu_s_per_step"] > 0 and summary["bare_cpu_s_per_step"] > 0
+    assert summary["cpu_ratio"] == pytest.approx(
+        summary["bare_cpu_s_per_step"] / summary["loop_cpu_s_per_step"], abs=0.01)
