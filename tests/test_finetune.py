@@ -3,6 +3,7 @@
 The labelled data is real: records derived from the standard library (data/derived.py), written
 to JSONL and CoNLL files as a user's would be.
 """
+import dataclasses
 import json
 import subprocess
 import sys
@@ -252,12 +253,15 @@ def test_tagging_from_conll_and_generation_end_to_end(config, files, backbone, t
 
 
 def test_lora_trains_only_adapters_and_the_merged_model_gives_the_same_logits(config):
+    """The low-rank branch x W + s * dropout(x) A B (scanned stack, fused SwiGLU wi, the
+    two-input-axis out projection) against the merged kernels W + s A B."""
     from train import lora
     config.train.objective = "classify"
     config.data.source = "stdlib_task"
     config.data.task.labels = SYNTHETIC_LABELS
     config.model.vocab_size = 128
-    config.finetune.update(mode="lora", lora_rank=2, lora_targets=("query", "out", "wi"))
+    config.finetune.update(mode="lora", lora_rank=2, lora_targets=("query", "out", "wi"),
+                           lora_dropout=0.5, head_dropout=0.0)
     setup = build(config)
     batch = families.synthetic_batch(config, setup.batch_sharding)
     with activate(setup.mesh, setup.rules):
@@ -277,7 +281,22 @@ def test_lora_trains_only_adapters_and_the_merged_model_gives_the_same_logits(co
         merged = lora.merge(state.params, config.finetune.lora_alpha / 2)
         assert "lora" not in merged
         plain = setup.model.inner.apply({"params": merged}, *args)
-        np.testing.assert_allclose(np.asarray(adapted), np.asarray(plain), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(adapted), np.asarray(plain), rtol=1e-5, atol=1e-5)
+        # no dropout outside training; in training the branch input is dropped out (the
+        # model's own dropout and the head's are 0 here, so only the branch is random)
+        jaxpr = str(jax.make_jaxpr(lambda p: setup.model.apply({"params": p}, *args))(
+            state.params))
+        assert "bernoulli" not in jaxpr and "random_bits" not in jaxpr
+        assert config.model.dropout == 0.0
+        rng = {"dropout": jax.random.PRNGKey(1)}
+        noisy = [setup.model.apply({"params": state.params}, *args, train=True, rngs=rng),
+                 setup.model.apply({"params": state.params}, *args, train=True,
+                                   rngs={"dropout": jax.random.PRNGKey(2)})]
+        assert not np.allclose(np.asarray(noisy[0]), np.asarray(noisy[1]), atol=1e-6)
+        without = dataclasses.replace(setup.model, dropout=0.0).apply(
+            {"params": state.params}, *args, train=True, rngs=rng)
+        np.testing.assert_allclose(np.asarray(without), np.asarray(adapted), rtol=1e-5,
+                                   atol=1e-5)
         # the adapters did change the function: the backbone alone gives other logits
         unadapted = dict(state.params)
         unadapted.pop("lora")
