@@ -234,7 +234,8 @@ def test_tagging_from_conll_and_generation_end_to_end(config, files, backbone, t
     task_config(config, {"train": _write_jsonl(tmp_path / "g.jsonl", rows[:80]),
                          "dev": _write_jsonl(tmp_path / "gd.jsonl", rows[80:])},
                 "text2text", init_from=str(backbone), max_new_tokens=4, eval_examples=8,
-                mode="lora", lora_targets=("query", "value", "wo"))
+                mode="lora", lora_targets=("query", "value", "out", "wi", "wo"),
+                lora_dropout=0.1)
     result = train(config, gen, progress=False)
     assert {"exact_match", "bleu", "chrf", "rougeL"} <= set(result)
     evals = [r for r in read_metrics(gen) if r.get("split") == "eval"]
@@ -250,6 +251,29 @@ def test_tagging_from_conll_and_generation_end_to_end(config, files, backbone, t
     (text,) = generate_run(gen, "latest", ["Return the name."], options=Options("greedy"),
                            max_new_tokens=3)
     assert text.startswith("Return the name.")
+    # PEFT: the frozen backbone as a HF Llama + the adapters in PEFT's format give the logits
+    # of Loom's (unmerged) LoRA model
+    peft = pytest.importorskip("peft")
+    import torch
+    import transformers
+    from train.hf.convert import export
+    export(gen, tmp_path / "base", peft_adapter=tmp_path / "adapter")
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["target_modules"] == ["down_proj", "gate_proj", "o_proj", "q_proj",
+                                                "up_proj", "v_proj"]
+    hf = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base"), tmp_path / "adapter").eval()
+    unmerged = restore(gen, merge_lora=False)
+    tokens = np.array(unmerged.tokenizer.encode("def split(self, sep):")[:12])[None]
+    loom = unmerged.setup.model.apply({"params": unmerged.params}, tokens)
+    assert float(np.abs(np.asarray(loom) - np.asarray(run.setup.model.apply(
+        {"params": run.params}, tokens))).max()) < 1e-4      # merged == branch
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor(tokens)).logits.numpy()
+        with hf.disable_adapter():   # the adapters do change the logits
+            base = hf(input_ids=torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(theirs, np.asarray(loom), rtol=1e-4, atol=1e-4)
+    assert np.abs(theirs - base).max() > 1e-3
 
 
 def test_lora_trains_only_adapters_and_the_merged_model_gives_the_same_logits(config):
@@ -494,3 +518,4 @@ def test_init_from_a_hugging_face_directory(config, files, backbone, tmp_path):
                                      {k: imported[k] for k in tuned["backbone"]}))
     np.testing.assert_allclose(imported["embed"]["embedding"],
                                _params(backbone)["embed"]["embedding"], rtol=1e-6)
+

@@ -99,10 +99,28 @@ def write_hf(out: str | Path, params: Any, cfg: ModelConfig, tokenizer: Tokenize
 
 
 def export(workdir: str | Path, out: str | Path, step: str | int = "latest",
-           layout: str | None = None) -> Path:
-    """The checkpoint of `workdir` at `step` as a Hugging Face directory `out`."""
+           layout: str | None = None, peft_adapter: str | Path | None = None) -> Path:
+    """The checkpoint of `workdir` at `step` as a Hugging Face directory `out`. A LoRA run is
+    exported merged; with `peft_adapter` its frozen backbone goes to `out` and its adapters to
+    that directory in PEFT's format (train/hf/peft_adapter.py)."""
     config, _ = saved_config(workdir, step)
     chosen = choose_layout(ModelConfig.from_mapping(config.model), layout)  # before any restore
+    if peft_adapter and config.finetune.mode != "lora":
+        raise ConfigError(f"--peft-adapter: {workdir} is not a LoRA run (finetune.mode="
+                          f"{config.finetune.mode}); export it without --peft-adapter")
+    if peft_adapter:
+        from train.hf import peft_adapter as peft_lib
+        run = restore(workdir, step, devices=jax.devices("cpu")[:1], merge_lora=False)
+        params = dict(run.params)
+        adapters = params.pop("lora")
+        if Path(peft_adapter).expanduser().exists() and any(
+                Path(peft_adapter).expanduser().iterdir()):
+            raise CheckpointError(f"--peft-adapter {peft_adapter} exists and is not empty; "
+                                  "choose a new directory")
+        path = write_hf(out, params, run.setup.model_cfg, run.tokenizer, chosen)
+        peft_lib.write_adapter(peft_adapter, adapters, run.setup.model_cfg, chosen,
+                               config.finetune, path.resolve())
+        return path
     run = restore(workdir, step, devices=jax.devices("cpu")[:1])
     return write_hf(out, run.params, run.setup.model_cfg, run.tokenizer, chosen)
 
