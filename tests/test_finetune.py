@@ -391,6 +391,11 @@ def test_bad_task_input_is_one_clear_error(config, files, backbone, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: finetune.init_from=")
+    from train.hf.convert import export
+    with pytest.raises(ConfigError, match="is not a LoRA run"):
+        export(backbone, tmp_path / "hf", peft_adapter=tmp_path / "adapter")
+    with pytest.raises(ConfigError, match="lora_dropout must be in"):
+        validate(task_config(config, files, mode="lora", lora_dropout=1.0))
 
 
 @pytest.mark.parametrize("family", ["decoder", "encoder", "encoder_decoder"])
