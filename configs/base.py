@@ -156,6 +156,8 @@ HELP = {
     "finetune.prompt_length": "prompt: trained vectors read before every input (classify, tag)",
     "finetune.lora_rank": "lora: rank r of each adapter",
     "finetune.lora_alpha": "lora: the adapters' update is scaled by alpha / r",
+    "finetune.lora_dropout": "lora: dropout on each adapter branch's input (training only); the "
+                             "frozen product x W sees none",
     "finetune.lora_targets": "lora: names of the projections adapted (query, key, value, out, "
                              "wi, wo)",
     "finetune.unfreeze_after": "frozen for this many steps, then the whole model trains; 0 = off",
@@ -220,8 +222,9 @@ def get_config() -> ConfigDict:
     ))
     c.finetune = ConfigDict(dict(
         init_from="", mode="full", prompt_length=16, lora_rank=8, lora_alpha=16.0,
-        lora_targets=("query", "value"), unfreeze_after=0, unfreeze_every=0, layer_lr_decay=1.0,
-        head_dropout=0.1, metric="", patience=0, eval_examples=0, max_new_tokens=32,
+        lora_dropout=0.0, lora_targets=("query", "value"), unfreeze_after=0, unfreeze_every=0,
+        layer_lr_decay=1.0, head_dropout=0.1, metric="", patience=0, eval_examples=0,
+        max_new_tokens=32,
     ))
     c.ckpt = ConfigDict(dict(every=1000, keep=3, keep_best=1, async_save=True))
     return c

@@ -3,6 +3,7 @@
 The labelled data is real: records derived from the standard library (data/derived.py), written
 to JSONL and CoNLL files as a user's would be.
 """
+import dataclasses
 import json
 import subprocess
 import sys
@@ -233,7 +234,8 @@ def test_tagging_from_conll_and_generation_end_to_end(config, files, backbone, t
     task_config(config, {"train": _write_jsonl(tmp_path / "g.jsonl", rows[:80]),
                          "dev": _write_jsonl(tmp_path / "gd.jsonl", rows[80:])},
                 "text2text", init_from=str(backbone), max_new_tokens=4, eval_examples=8,
-                mode="lora", lora_targets=("query", "value", "wo"))
+                mode="lora", lora_targets=("query", "value", "out", "wi", "wo"),
+                lora_dropout=0.1)
     result = train(config, gen, progress=False)
     assert {"exact_match", "bleu", "chrf", "rougeL"} <= set(result)
     evals = [r for r in read_metrics(gen) if r.get("split") == "eval"]
@@ -249,15 +251,41 @@ def test_tagging_from_conll_and_generation_end_to_end(config, files, backbone, t
     (text,) = generate_run(gen, "latest", ["Return the name."], options=Options("greedy"),
                            max_new_tokens=3)
     assert text.startswith("Return the name.")
+    # PEFT: the frozen backbone as a HF Llama + the adapters in PEFT's format give the logits
+    # of Loom's (unmerged) LoRA model
+    peft = pytest.importorskip("peft")
+    import torch
+    import transformers
+    from train.hf.convert import export
+    export(gen, tmp_path / "base", peft_adapter=tmp_path / "adapter")
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["target_modules"] == ["down_proj", "gate_proj", "o_proj", "q_proj",
+                                                "up_proj", "v_proj"]
+    hf = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base"), tmp_path / "adapter").eval()
+    unmerged = restore(gen, merge_lora=False)
+    tokens = np.array(unmerged.tokenizer.encode("def split(self, sep):")[:12])[None]
+    loom = unmerged.setup.model.apply({"params": unmerged.params}, tokens)
+    assert float(np.abs(np.asarray(loom) - np.asarray(run.setup.model.apply(
+        {"params": run.params}, tokens))).max()) < 1e-4      # merged == branch
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor(tokens)).logits.numpy()
+        with hf.disable_adapter():   # the adapters do change the logits
+            base = hf(input_ids=torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(theirs, np.asarray(loom), rtol=1e-4, atol=1e-4)
+    assert np.abs(theirs - base).max() > 1e-3
 
 
 def test_lora_trains_only_adapters_and_the_merged_model_gives_the_same_logits(config):
+    """The low-rank branch x W + s * dropout(x) A B (scanned stack, fused SwiGLU wi, the
+    two-input-axis out projection) against the merged kernels W + s A B."""
     from train import lora
     config.train.objective = "classify"
     config.data.source = "stdlib_task"
     config.data.task.labels = SYNTHETIC_LABELS
     config.model.vocab_size = 128
-    config.finetune.update(mode="lora", lora_rank=2, lora_targets=("query", "out", "wi"))
+    config.finetune.update(mode="lora", lora_rank=2, lora_targets=("query", "out", "wi"),
+                           lora_dropout=0.5, head_dropout=0.0)
     setup = build(config)
     batch = families.synthetic_batch(config, setup.batch_sharding)
     with activate(setup.mesh, setup.rules):
@@ -277,7 +305,22 @@ def test_lora_trains_only_adapters_and_the_merged_model_gives_the_same_logits(co
         merged = lora.merge(state.params, config.finetune.lora_alpha / 2)
         assert "lora" not in merged
         plain = setup.model.inner.apply({"params": merged}, *args)
-        np.testing.assert_allclose(np.asarray(adapted), np.asarray(plain), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(adapted), np.asarray(plain), rtol=1e-5, atol=1e-5)
+        # no dropout outside training; in training the branch input is dropped out (the
+        # model's own dropout and the head's are 0 here, so only the branch is random)
+        jaxpr = str(jax.make_jaxpr(lambda p: setup.model.apply({"params": p}, *args))(
+            state.params))
+        assert "bernoulli" not in jaxpr and "random_bits" not in jaxpr
+        assert config.model.dropout == 0.0
+        rng = {"dropout": jax.random.PRNGKey(1)}
+        noisy = [setup.model.apply({"params": state.params}, *args, train=True, rngs=rng),
+                 setup.model.apply({"params": state.params}, *args, train=True,
+                                   rngs={"dropout": jax.random.PRNGKey(2)})]
+        assert not np.allclose(np.asarray(noisy[0]), np.asarray(noisy[1]), atol=1e-6)
+        without = dataclasses.replace(setup.model, dropout=0.0).apply(
+            {"params": state.params}, *args, train=True, rngs=rng)
+        np.testing.assert_allclose(np.asarray(without), np.asarray(adapted), rtol=1e-5,
+                                   atol=1e-5)
         # the adapters did change the function: the backbone alone gives other logits
         unadapted = dict(state.params)
         unadapted.pop("lora")
@@ -348,6 +391,11 @@ def test_bad_task_input_is_one_clear_error(config, files, backbone, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: finetune.init_from=")
+    from train.hf.convert import export
+    with pytest.raises(ConfigError, match="is not a LoRA run"):
+        export(backbone, tmp_path / "hf", peft_adapter=tmp_path / "adapter")
+    with pytest.raises(ConfigError, match="lora_dropout must be in"):
+        validate(task_config(config, files, mode="lora", lora_dropout=1.0))
 
 
 @pytest.mark.parametrize("family", ["decoder", "encoder", "encoder_decoder"])
@@ -475,3 +523,4 @@ def test_init_from_a_hugging_face_directory(config, files, backbone, tmp_path):
                                      {k: imported[k] for k in tuned["backbone"]}))
     np.testing.assert_allclose(imported["embed"]["embedding"],
                                _params(backbone)["embed"]["embedding"], rtol=1e-6)
+

@@ -117,6 +117,8 @@ def _check_finetune(cfg: ConfigDict) -> None:
            f"train.objective={objective}")
     _check(ft.lora_rank >= 1, f"finetune.lora_rank must be >= 1, got {ft.lora_rank}")
     _check(ft.lora_alpha > 0, f"finetune.lora_alpha must be positive, got {ft.lora_alpha}")
+    _check(0 <= ft.lora_dropout < 1, f"finetune.lora_dropout must be in [0, 1), got "
+           f"{ft.lora_dropout}")
     _check(bool(ft.lora_targets) and all(isinstance(t, str) and t for t in ft.lora_targets),
            f"finetune.lora_targets={tuple(ft.lora_targets)!r}: name projections, e.g. "
            "query,value")

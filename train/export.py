@@ -1,7 +1,7 @@
 """python -m train.export: Loom checkpoints <-> Hugging Face model directories.
 
     python -m train.export to-hf --workdir runs/q --out runs/q-hf [--step latest|best|N]
-        [--layout llama|gpt2|bert]
+        [--layout llama|gpt2|bert] [--peft-adapter DIR]
     python -m train.export from-hf --hf runs/q-hf --workdir runs/q2 [--config FILE]
         [--config.KEY=VALUE ...]
 
@@ -30,6 +30,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     to.add_argument("--out", required=True, help="new directory for the Hugging Face model")
     to.add_argument("--layout", help="Hugging Face architecture, one of the family's layouts "
                     "(train/families.py: llama, gpt2, bert); default: the one the model fits")
+    to.add_argument("--peft-adapter", metavar="DIR", help="a decoder LoRA run: write the "
+                    "frozen backbone to --out and the adapters to DIR in PEFT's format "
+                    "(adapter_config.json + adapter_model.safetensors); default: merged")
     to.add_argument("--verbose", action="store_true", help="tracebacks for errors")
     from_hf = commands.add_parser(
         "from-hf", help="a Hugging Face directory -> a new Loom run",
@@ -53,9 +56,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             args = parser.parse_args(argv)
             distributed.initialize(args)
             from train.hf.convert import export   # deferred: --help stays fast
-            out = export(args.workdir, args.out, args.step, args.layout)
+            out = export(args.workdir, args.out, args.step, args.layout, args.peft_adapter)
             if distributed.main_process():
-                print(f"wrote {out}")
+                print(f"wrote {out}" + (f" and the PEFT adapter {args.peft_adapter}"
+                                        if args.peft_adapter else ""))
 
 
 if __name__ == "__main__":

@@ -2,14 +2,20 @@
 
 `finetune.mode=lora` wraps the model in `LoraModel`: its params are the model's plus "lora",
 holding for each target kernel W (by name: finetune.lora_targets, e.g. query, value, wo) a pair
-A [..., in, r] (normal init) and B [r, out...] (zeros, so training starts at the backbone). Every
-call runs the model on W + (alpha / r) * A @ B, the adapted weight itself, so the forward pass is
-exactly the merged model's; gradients reach A and B only through that sum. The optimizer trains
-"lora" and the task head alone (train/layerwise.py): the backbone gets no optimizer state.
-With `nn.scan` stacks A and B keep the leading layer axis, one adapter per block.
+A [..., in, r] (normal init) and B [r, out...] (zeros, so training starts at the backbone).
+Every call runs each adapted projection as the frozen product plus a separate low-rank branch,
+y = x W (+ bias) + (alpha / r) * dropout(x) A B, with dropout rate finetune.lora_dropout in
+training only (`train=True`): W is never rebuilt, and gradients reach A and B through the branch
+alone. How: `apply` puts each pair next to its kernel (params[...]["query"]["lora_a"/"lora_b"]),
+so `nn.scan` slices a scanned stack's pairs per block like the kernels, and a Flax method
+interceptor adds the branch to the output of every `model.layers.Dense` that holds a pair. The
+optimizer trains "lora" and the task head alone (train/layerwise.py): the backbone gets no
+optimizer state. With `nn.scan` stacks A and B keep the leading layer axis, one adapter per block.
 
-`merge` folds the adapters into the kernels and drops them: what export, generation and
-evaluation of a restored run use (train/restore.py), with finetune.mode set back to full.
+`merge` folds the adapters into the kernels (W + (alpha / r) A B) and drops them: what export,
+generation and evaluation of a restored run use (train/restore.py), with finetune.mode set back
+to full. Without dropout (or with `train=False`) the branch forward equals the merged model's up
+to float rounding.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from model.layers import Dense
 from model.sharding import unboxed
 
 KEY = "lora"
@@ -52,6 +59,7 @@ class LoraModel:
     rank: int
     alpha: float
     targets: tuple[str, ...]
+    dropout: float = 0.0
 
     def __getattr__(self, name):     # methods the objectives name (generator_logits, ...)
         if name == "inner":
@@ -89,8 +97,58 @@ class LoraModel:
         return {**variables, "params": params}
 
     def apply(self, variables, *args, **kwargs):
-        params = merge(variables["params"], self.alpha / self.rank)
-        return self.inner.apply({**variables, "params": params}, *args, **kwargs)
+        params = with_pairs(variables["params"])
+        branch = _branch(self.alpha / self.rank, self.dropout if kwargs.get("train") else 0.0)
+        with nn.intercept_methods(branch):
+            return self.inner.apply({**variables, "params": params}, *args, **kwargs)
+
+
+A_NAME, B_NAME = "lora_a", "lora_b"
+
+
+def _set_path(tree, keys, fn):
+    if len(keys) == 1:
+        return {**tree, keys[0]: fn(tree[keys[0]])}
+    return {**tree, keys[0]: _set_path(tree[keys[0]], keys[1:], fn)}
+
+
+def with_pairs(params: Any) -> Any:
+    """The params without "lora", each pair moved next to its kernel as lora_a / lora_b."""
+    if KEY not in params:
+        return params
+    params = dict(params)
+    for path, ab in params.pop(KEY).items():
+        keys = path.split(SEP)
+        params = _set_path(params, keys[:-1], lambda module: {
+            **module, A_NAME: unboxed(ab["a"]), B_NAME: unboxed(ab["b"])})
+    return params
+
+
+def _branch(scale: float, rate: float):
+    """The interceptor: a Dense call whose module holds a pair returns x W + scale *
+    dropout(x) A B (per output slice with `split`)."""
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        if not (isinstance(module, Dense) and context.method_name == "__call__"
+                and module.has_variable("params", A_NAME)):
+            return next_fun(*args, **kwargs)
+        y = next_fun(*args, **kwargs)
+        (x,) = args
+        a = module.get_variable("params", A_NAME).astype(module.dtype)
+        b = module.get_variable("params", B_NAME).astype(module.dtype)
+        x = x.astype(module.dtype)
+        if rate > 0:
+            keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+            x = jnp.where(keep, x / (1.0 - rate), 0).astype(module.dtype)
+        axis = tuple(i % x.ndim for i in module.axis)
+        xa = jax.lax.dot_general(x, a, ((axis, tuple(range(len(axis)))), ((), ())))
+        delta = jnp.tensordot(xa, b, axes=([xa.ndim - 1], [0])) * jnp.asarray(scale, module.dtype)
+        if not module.split:
+            return y + delta.astype(y.dtype)
+        out_axis = xa.ndim - 1     # the first output feature axis: one output per index
+        return tuple(yi + jnp.take(delta, i, axis=out_axis).astype(yi.dtype)
+                     for i, yi in enumerate(y))
+    return intercept
 
 
 def _delta(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -107,15 +165,9 @@ def merge(params: Any, scale: float) -> Any:
         return params
     params = dict(params)
     adapters = params.pop(KEY)
-
-    def set_path(tree, keys, fn):
-        if len(keys) == 1:
-            return {**tree, keys[0]: fn(tree[keys[0]])}
-        return {**tree, keys[0]: set_path(tree[keys[0]], keys[1:], fn)}
-
     for path, ab in adapters.items():
         a, b = unboxed(ab["a"]), unboxed(ab["b"])
-        params = set_path(params, path.split(SEP), lambda w: (
+        params = _set_path(params, path.split(SEP), lambda w: (
             w + scale * _delta(a, b).astype(w.dtype)).astype(w.dtype))
     return params
 

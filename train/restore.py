@@ -57,12 +57,13 @@ def with_defaults(saved: Mapping[str, Any]) -> ConfigDict:
 
 def restore(workdir: str | Path, step: str | int = "latest", *,
             overrides: Mapping[str, Any] | None = None, config_args: Sequence[str] = (),
-            devices: Sequence[jax.Device] | None = None) -> Restored:
+            devices: Sequence[jax.Device] | None = None, merge_lora: bool = True) -> Restored:
     """Params of `workdir` at `step` ('latest', 'best' or a number) on a mesh over `devices`.
 
     `overrides` maps dotted config keys to values (e.g. {"mesh.tensor": 2, "data.batch_size":
     8}), `config_args` are command-line overrides (["--config.data.eval_split=train"]); model
-    keys cannot change, since they define the parameters.
+    keys cannot change, since they define the parameters. A LoRA run comes back merged (a plain
+    model, finetune.mode=full) unless `merge_lora=False`: then its LoraModel and params["lora"].
     """
     workdir = Path(workdir).expanduser()
     config, resolved = saved_config(workdir, step)
@@ -91,7 +92,7 @@ def restore(workdir: str | Path, step: str | int = "latest", *,
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             _param_shapes(setup), setup.state_shardings.params)
     params = Checkpointer(workdir, read_only=True).restore_params(resolved, abstract)
-    if config.finetune.mode == "lora":   # adapters merged: the plain model from here on
+    if config.finetune.mode == "lora" and merge_lora:   # adapters merged: the plain model
         params = lora.merge(params, config.finetune.lora_alpha / config.finetune.lora_rank)
         config.finetune.mode = "full"
         setup = build(config, devices)

@@ -93,7 +93,8 @@ def build(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Se
                                ft.prompt_length if ft.mode == "prompt" else 0)
     if config.finetune.mode == "lora":
         model = lora.LoraModel(model, config.finetune.lora_rank, config.finetune.lora_alpha,
-                               tuple(config.finetune.lora_targets))
+                               tuple(config.finetune.lora_targets),
+                               config.finetune.lora_dropout)
     tx, lr_schedule = optimizer.make(config.opt, config.train.steps, config.finetune)
     with activate(mesh, rules):
         shardings = state_lib.shardings(model, model_cfg, tx, mesh, rules)

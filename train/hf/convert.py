@@ -99,13 +99,34 @@ def write_hf(out: str | Path, params: Any, cfg: ModelConfig, tokenizer: Tokenize
 
 
 def export(workdir: str | Path, out: str | Path, step: str | int = "latest",
-           layout: str | None = None) -> Path:
-    """The checkpoint of `workdir` at `step` as a Hugging Face directory `out`."""
+           layout: str | None = None, peft_adapter: str | Path | None = None) -> Path:
+    """The checkpoint of `workdir` at `step` as a Hugging Face directory `out`. A LoRA run is
+    exported merged; with `peft_adapter` its frozen backbone goes to `out` and its adapters to
+    that directory in PEFT's format (train/hf/peft_adapter.py)."""
     config, _ = saved_config(workdir, step)
     chosen = choose_layout(ModelConfig.from_mapping(config.model), layout)  # before any restore
+    if peft_adapter and config.finetune.mode != "lora":
+        raise ConfigError(f"--peft-adapter: {workdir} is not a LoRA run (finetune.mode="
+                          f"{config.finetune.mode}); export it without --peft-adapter")
     # Each process restores onto its own CPU device (Orbax restores on every process of a
     # cluster) and process 0 alone writes the directory.
-    run = restore(workdir, step, devices=jax.local_devices(backend="cpu")[:1])
+    devices = jax.local_devices(backend="cpu")[:1]
+    if peft_adapter:
+        from train.hf import peft_adapter as peft_lib
+        if Path(peft_adapter).expanduser().exists() and any(
+                Path(peft_adapter).expanduser().iterdir()):
+            raise CheckpointError(f"--peft-adapter {peft_adapter} exists and is not empty; "
+                                  "choose a new directory")
+        run = restore(workdir, step, devices=devices, merge_lora=False)
+        if jax.process_index() != 0:
+            return Path(out).expanduser()
+        params = dict(run.params)
+        adapters = params.pop("lora")
+        path = write_hf(out, params, run.setup.model_cfg, run.tokenizer, chosen)
+        peft_lib.write_adapter(peft_adapter, adapters, run.setup.model_cfg, chosen,
+                               config.finetune, path.resolve())
+        return path
+    run = restore(workdir, step, devices=devices)
     if jax.process_index() != 0:
         return Path(out).expanduser()
     return write_hf(out, run.params, run.setup.model_cfg, run.tokenizer, chosen)
