@@ -92,24 +92,11 @@ def _not_utf8(name: str, e: UnicodeDecodeError) -> DataError:
 
 def _jsonl(name: str, text_field: str) -> Iterator[tuple[int, str]]:
     """(line number, text) of each record of a .jsonl file."""
-    with open(name, "rb") as f:
-        for i, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{name}:{i} is not valid UTF-8 ({e.reason} at byte {e.start} "
-                                "of the line); re-encode the file") from e
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{name}:{i} is not valid JSON ({e.msg})") from e
-            if not isinstance(record, dict) or text_field not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise DataError(f"{name}:{i} has no field {text_field!r} (data.text_field); "
-                                f"its fields are {keys}")
-            yield i, str(record[text_field])
+    for i, record in _jsonl_records(name):
+        if text_field not in record:
+            raise DataError(f"{name}:{i} has no field {text_field!r} (data.text_field); "
+                            f"its fields are {sorted(record)}")
+        yield i, str(record[text_field])
 
 
 def files_fingerprint(patterns: Sequence[str]) -> str:
@@ -154,7 +141,7 @@ def _jsonl_records(name: str) -> Iterator[tuple[int, dict]]:
                 raise DataError(f"{name}:{i} is not valid JSON ({e.msg})") from e
             if not isinstance(record, dict):
                 raise DataError(f"{name}:{i} is a JSON {type(record).__name__}, not an object "
-                                "with the task's fields")
+                                "with named fields (one record per line)")
             yield i, record
 
 
