@@ -61,20 +61,24 @@ def expand(patterns: Sequence[str]) -> list[str]:
     return sorted(files)
 
 
+def _named_files(patterns: Sequence[str]) -> Iterator[tuple[str, str]]:
+    """(path, name) of each file the patterns match. Documents are named relative to the files'
+    common directory, so the names (and the prepared corpus's record order, which tfds derives
+    from them) do not depend on where the corpus lives."""
+    files = expand(patterns)
+    if not files:
+        raise DataError(f"data.paths {list(patterns)} match no files; check the paths or globs")
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+    for name in files:
+        yield name, Path(os.path.relpath(os.path.abspath(name), root)).as_posix()
+
+
 def text_files(patterns: Sequence[str], text_field: str = "text") -> Iterator[Document]:
     """Each plain file is one document; each line of a `.jsonl` file is one, from `text_field`.
 
     Empty documents are yielded too: cleaning drops them and counts them (data/cleaning.py).
     """
-    files = expand(patterns)
-    if not files:
-        raise DataError(f"data.paths {list(patterns)} match no files; check the paths or globs")
-    # documents are named relative to the files' common directory, so the names (and the
-    # prepared corpus's record order, which tfds derives from them) do not depend on where
-    # the corpus lives
-    root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
-    for name in files:
-        shown = Path(os.path.relpath(os.path.abspath(name), root)).as_posix()
+    for name, shown in _named_files(patterns):
         if name.endswith(".jsonl"):
             yield from ((f"{shown}:{i}", text) for i, text in _jsonl(name, text_field))
             continue
@@ -113,12 +117,7 @@ def task_files(patterns: Sequence[str]) -> Iterator[Document]:
     errors can name it: a `.jsonl` line as it is; a CoNLL file (any other name: `token<TAB or
     space>tag` per line, the tag in the last column, a blank line between sentences) as one
     {"tokens": [...], "tags": [...]} record per sentence."""
-    files = expand(patterns)
-    if not files:
-        raise DataError(f"data.paths {list(patterns)} match no files; check the paths or globs")
-    root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
-    for name in files:
-        shown = Path(os.path.relpath(os.path.abspath(name), root)).as_posix()
+    for name, shown in _named_files(patterns):
         records = _jsonl_records(name) if name.endswith(".jsonl") else _conll_records(name)
         for line, record in records:
             record["_where"] = f"{name}:{line}"

@@ -128,23 +128,23 @@ def _seq2seq(encoder_BxT: np.ndarray, targets_BxS: np.ndarray) -> Batch:
 N_SYNTHETIC_LABELS = 4
 
 
-def classify_batch(rows: int, length: int, vocab: int, seed: int) -> Batch:
-    """Periodic rows whose label is their motif's first id modulo N_SYNTHETIC_LABELS."""
-    rng = np.random.default_rng(seed)
-    tokens = periodic(rng, rows, length, vocab)
+def _task_rows(rows: int, length: int, vocab: int, seed: int) -> Batch:
+    """Unpacked periodic rows, the inputs of the synthetic classify and tag batches."""
+    tokens = periodic(np.random.default_rng(seed), rows, length, vocab)
     positions, segments = _unpacked(rows, length)
     return {"inputs": tokens, "positions": positions, "segment_ids": segments,
-            "type_ids": np.zeros_like(tokens),
-            "labels": (tokens[:, 0] % N_SYNTHETIC_LABELS).astype(np.int32),
+            "type_ids": np.zeros_like(tokens)}
+
+
+def classify_batch(rows: int, length: int, vocab: int, seed: int) -> Batch:
+    """Periodic rows whose label is their motif's first id modulo N_SYNTHETIC_LABELS."""
+    batch = _task_rows(rows, length, vocab, seed)
+    return {**batch, "labels": (batch["inputs"][:, 0] % N_SYNTHETIC_LABELS).astype(np.int32),
             "label_weights": np.ones(rows, np.float32)}
 
 
 def tag_batch(rows: int, length: int, vocab: int, seed: int) -> Batch:
     """Periodic rows tagged per token by id modulo N_SYNTHETIC_LABELS."""
-    rng = np.random.default_rng(seed)
-    tokens = periodic(rng, rows, length, vocab)
-    positions, segments = _unpacked(rows, length)
-    return {"inputs": tokens, "positions": positions, "segment_ids": segments,
-            "type_ids": np.zeros_like(tokens),
-            "tags": (tokens % N_SYNTHETIC_LABELS).astype(np.int32),
-            "tag_weights": np.ones(tokens.shape, np.float32)}
+    batch = _task_rows(rows, length, vocab, seed)
+    return {**batch, "tags": (batch["inputs"] % N_SYNTHETIC_LABELS).astype(np.int32),
+            "tag_weights": np.ones(batch["inputs"].shape, np.float32)}
