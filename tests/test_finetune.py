@@ -438,6 +438,22 @@ def test_keep_best_and_early_stopping_follow_finetune_metric(config):
         validate(config)
 
 
+def test_early_stopping_counts_on_across_a_resume(config, files, backbone, tmp_path):
+    """A metric that cannot improve (a frozen backbone and a head with a negligible learning
+    rate) stops after finetune.patience evaluations, whether or not the run was interrupted."""
+    task_config(config, files, init_from=f"{backbone}@best", mode="frozen", patience=2)
+    config.train.steps = 12
+    config.opt.lr = 1e-12
+    train(config, tmp_path / "straight", progress=False)
+    train(config, tmp_path / "resumed", progress=False, stop_after=4)   # evals at 2, 4
+    train(config, tmp_path / "resumed", progress=False)
+
+    def evals(run):
+        return [r["step"] for r in read_metrics(run) if r.get("split") == "eval"]
+    assert evals(tmp_path / "straight") == [2, 4, 6]      # 4 and 6 did not improve on 2
+    assert evals(tmp_path / "resumed") == [2, 4, 6]
+
+
 def test_k_shot_choices_put_seeded_demonstrations_before_each_item(backbone, tmp_path):
     from train.evaluation import choices
     from train.restore import restore

@@ -155,7 +155,9 @@ class Checkpointer:
         return step
 
     def save(self, step: int, state: TrainState, *, config: Mapping[str, Any],
-             data_iterator: Any = None, eval_loss: float | None = None) -> None:
+             data_iterator: Any = None, eval_loss: float | None = None,
+             loop: Mapping[str, Any] | None = None) -> None:
+        """`loop`: the loop's own small state that must survive a resume (early stopping's)."""
         items = dict(
             params=ocp.args.StandardSave(state.params),
             opt_state=ocp.args.StandardSave(state.opt_state),
@@ -164,6 +166,8 @@ class Checkpointer:
         )
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        if loop:
+            items["loop"] = ocp.args.JsonSave(dict(loop))
         metrics = None if eval_loss is None else {EVAL_METRIC: float(eval_loss)}
         try:
             self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics,
@@ -238,6 +242,12 @@ class Checkpointer:
 
     def restore_config(self, step: int) -> dict[str, Any]:
         return self._restore(step, config=ocp.args.JsonRestore())["config"]
+
+    def restore_loop(self, step: int) -> dict[str, Any]:
+        """The loop state saved with `step` ({} for a checkpoint saved without one)."""
+        if not (self.path / str(step) / "loop").exists():
+            return {}
+        return self._restore(step, loop=ocp.args.JsonRestore())["loop"]
 
     def wait(self) -> None:
         """Blocks until a background save is committed; its failure is a CheckpointError."""

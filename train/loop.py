@@ -160,7 +160,8 @@ def _train_steps(setup: Setup, state: state_lib.TrainState, batches: pipeline.Gl
     watch = NonFiniteWatch(config.train.get("nonfinite", "halt"), ckpt)
     reporter.watch = watch
     last_eval, first, saved = None, int(state.step), None
-    stopping = selection.EarlyStopping(config.finetune.patience)
+    stopping = selection.EarlyStopping(config.finetune.patience,
+                                       ckpt.restore_loop(first) if first else None)
     for step in range(first + 1, last + 1):
         batch = next(batches, None)
         if batch is None:   # data.num_epochs passes are done: end here, as if step-1 were last
@@ -170,8 +171,10 @@ def _train_steps(setup: Setup, state: state_lib.TrainState, batches: pipeline.Gl
                 reporter.flush(force=True)
                 watch.check(step - 1)
                 last_eval = run_eval(step - 1, state.params)
+                stopping.stop(selection.selection_value(config, last_eval))
                 ckpt.save(step - 1, state, config=config.to_dict(), data_iterator=batches,
-                          eval_loss=selection.selection_value(config, last_eval))
+                          eval_loss=selection.selection_value(config, last_eval),
+                          loop=stopping.state())
             break
         with jax.transfer_guard("disallow"):
             state, metrics = train_step(state, batch)
@@ -182,7 +185,8 @@ def _train_steps(setup: Setup, state: state_lib.TrainState, batches: pipeline.Gl
             reporter.flush(force=True)
             watch.check(step)
             if saved != step:
-                ckpt.save(step, state, config=config.to_dict(), data_iterator=batches)
+                ckpt.save(step, state, config=config.to_dict(), data_iterator=batches,
+                          loop=stopping.state())
             break
         eval_due = final or (config.eval.every and step % config.eval.every == 0)
         ckpt_due = final or (config.ckpt.every and step % config.ckpt.every == 0)
@@ -190,18 +194,16 @@ def _train_steps(setup: Setup, state: state_lib.TrainState, batches: pipeline.Gl
             reporter.flush(force=final)
             watch.check(step)
             last_eval = run_eval(step, state.params) if eval_due else None
-            if ckpt_due:
-                ckpt.save(step, state, config=config.to_dict(),
-                          data_iterator=batches,
-                          eval_loss=selection.selection_value(config, last_eval))
+            stop = eval_due and stopping.stop(selection.selection_value(config, last_eval))
+            if ckpt_due or stop:
+                ckpt.save(step, state, config=config.to_dict(), data_iterator=batches,
+                          eval_loss=selection.selection_value(config, last_eval),
+                          loop=stopping.state())
                 saved = step
             reporter.restart_clock(step)
-            if eval_due and stopping.stop(selection.selection_value(config, last_eval)):
+            if stop:
                 console(f"finetune: {selection.metric_name(config)} did not improve in "
                         f"{config.finetune.patience} evaluations; stopping after step {step}")
-                if saved != step:
-                    ckpt.save(step, state, config=config.to_dict(), data_iterator=batches,
-                              eval_loss=selection.selection_value(config, last_eval))
                 break
     reporter.flush(force=True)
     watch.check(int(state.step))

@@ -39,10 +39,18 @@ def selection_value(config, record: dict[str, float] | None) -> float | None:
 
 
 class EarlyStopping:
-    """True once finetune.patience evaluations in a row did not improve on the best value."""
+    """True once finetune.patience evaluations in a row did not improve on the best value.
 
-    def __init__(self, patience: int):
+    `saved` is `state()` as a checkpoint kept it, so that a resumed run goes on counting the
+    evaluations without improvement instead of starting over."""
+
+    def __init__(self, patience: int, saved: dict[str, Any] | None = None):
         self.patience, self.best, self.waited = patience, None, 0
+        if saved:
+            self.best, self.waited = saved.get("best"), int(saved.get("waited", 0))
+
+    def state(self) -> dict[str, Any]:
+        return {"best": self.best, "waited": self.waited}
 
     def stop(self, value: float | None) -> bool:
         if not self.patience or value is None:
