@@ -525,6 +525,28 @@ metric_list:
     (only,) = evaluate_lib.run(backbone, choices=[items]).values()
     assert out["results"]["loom_pkg"]["acc,none"] == pytest.approx(only["accuracy"])
 
+    # loglikelihood_rolling: a text of 2.5 contexts is scored whole, in the harness's windows
+    from lm_eval.api.instance import Instance
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+    text = " ".join(r["text"] for r in _records("docstring_package")[:40])
+    ids = run.tokenizer.encode(text)
+    max_len = run.setup.model_cfg.max_len
+    ids = ids[:5 * max_len // 2]
+    text = run.tokenizer.decode(ids)
+    assert run.tokenizer.encode(text) == ids
+    (rolling,) = model.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    expected, covered = 0.0, 0
+    for window in get_rolling_token_windows(ids, BOS, max_len, 1):
+        context, continuation = make_disjoint_window(window)
+        tokens = np.array(context + continuation)
+        logits = run.setup.model.apply({"params": run.params}, tokens[None, :-1])[0]
+        logp = jax.nn.log_softmax(np.asarray(logits, np.float64), -1)
+        expected += sum(logp[len(tokens) - 1 - len(continuation) + i, t]
+                        for i, t in enumerate(continuation))
+        covered += len(continuation)
+    assert covered == len(ids) and len(ids) > 2 * max_len
+    np.testing.assert_allclose(rolling, expected, rtol=1e-5)
+
 
 def test_init_from_a_hugging_face_directory(config, files, backbone, tmp_path):
     pytest.importorskip("transformers")

@@ -264,9 +264,52 @@ def score_items(restored, items: Sequence[Item]) -> list[Scores]:
     family that writes no text is a ConfigError (`prompting`), raised before any work."""
     setup, tokenizer = restored.setup, restored.tokenizer
     mode = MODES[prompting(setup.model_cfg)]
-    max_len, size = setup.model_cfg.max_len, setup.config.data.batch_size
+    max_len = setup.model_cfg.max_len
     rows = [mode.row(tokenizer, item.context, c, max_len, item.where)
             for item in items for c in item.continuations]
+    loglik, greedy = score_rows(restored, rows)
+    scores, r = [], 0
+    for item in items:
+        k = len(item.continuations)
+        scores.append(Scores(
+            loglik=loglik[r:r + k], tokens=np.array([rows[i].scored for i in range(r, r + k)]),
+            bytes=np.array([len(c.encode("utf-8")) for c in item.continuations]),
+            greedy=greedy[r:r + k], label=item.label))
+        r += k
+    return scores
+
+
+def rolling_rows(restored, text: str) -> list[Row]:
+    """The rows that score every token of `text` once, in windows of at most model.max_len
+    predicted tokens, as lm-evaluation-harness's `get_rolling_token_windows(...,
+    context_len=1)` cuts them: the first window reads [BOS] and the text's first tokens, each
+    later one the model.max_len tokens before its end (so a full window has one token of
+    context, a last partial one more). An encoder-decoder's decoder scores the windows one by
+    one after an empty encoder input, as `--choices` scores an empty context."""
+    mode = prompting(restored.setup.model_cfg)
+    max_len, tokenizer = restored.setup.model_cfg.max_len, restored.tokenizer
+    ids = tuple(tokenizer.encode(text))
+    if mode == "encode":
+        return [Row((BOS,) + ids[a:a + max_len], len(ids[a:a + max_len]), (EOS,))
+                for a in range(0, len(ids), max_len)]
+    full, rows = (BOS,) + ids, []
+    first = min(max_len, len(ids))
+    if first:
+        rows.append(Row(full[:first + 1], first))
+    done = first
+    while done < len(ids):
+        end = min(len(ids), done + max_len)
+        rows.append(Row(full[end - max_len:end + 1], end - done))
+        done = end
+    return rows
+
+
+def score_rows(restored, rows: Sequence[Row]) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the summed log-likelihood of its scored tokens and whether greedy decoding
+    would produce them, in batches of data.batch_size rows on the run's mesh."""
+    setup = restored.setup
+    mode = MODES[prompting(setup.model_cfg)]
+    max_len, size = setup.model_cfg.max_len, setup.config.data.batch_size
     scorer = _row_scorer(setup, mode)
     loglik, greedy = np.zeros(len(rows)), np.zeros(len(rows), bool)
     # rows of similar widths share a batch
@@ -282,15 +325,7 @@ def score_items(restored, items: Sequence[Item]) -> list[Scores]:
                                     encoder_width).items()}
         out = jax.device_get(scorer(restored.params, batch))
         loglik[chunk], greedy[chunk] = out["loglik"][:len(chunk)], out["greedy"][:len(chunk)]
-    scores, r = [], 0
-    for item in items:
-        k = len(item.continuations)
-        scores.append(Scores(
-            loglik=loglik[r:r + k], tokens=np.array([rows[i].scored for i in range(r, r + k)]),
-            bytes=np.array([len(c.encode("utf-8")) for c in item.continuations]),
-            greedy=greedy[r:r + k], label=item.label))
-        r += k
-    return scores
+    return loglik, greedy
 
 
 def summarize(scores: Sequence[Scores]) -> dict[str, float]:

@@ -8,8 +8,8 @@ loom` works in any process that has imported this module.) Requests map onto Loo
 - loglikelihood (context, continuation): `choices.score_items` on a one-continuation item, so
   the values are exactly `train.eval --choices` scores (same tokenisation at the seam, same
   context truncation to model.max_len); is_greedy is its greedy_match.
-- loglikelihood_rolling (text): the same with an empty context; a text longer than model.max_len
-  is scored over its last model.max_len tokens only (no sliding windows).
+- loglikelihood_rolling (text): every token of the text, in the harness's own disjoint rolling
+  windows of model.max_len tokens (`choices.rolling_rows`), summed.
 - generate_until (context, {"until", "max_gen_toks"}): greedy `generate_text`, cut at the
   first stop string.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import numpy as np
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
@@ -47,7 +48,15 @@ class LoomLM(LM):
         return [(float(s.loglik[0]), bool(s.greedy[0])) for s in scores]
 
     def loglikelihood_rolling(self, requests) -> list[float]:
-        return [float(s.loglik[0]) for s in self._score([("", r.args[0]) for r in requests])]
+        texts = [r.args[0] for r in requests]
+        rows = [choices.rolling_rows(self.run, text) for text in texts]
+        with activate(self.run.setup.mesh, self.run.setup.rules):
+            loglik, _ = choices.score_rows(self.run, [row for rs in rows for row in rs])
+        out, start = [], 0
+        for rs in rows:
+            out.append(float(np.sum(loglik[start:start + len(rs)])))
+            start += len(rs)
+        return out
 
     def generate_until(self, requests) -> list[str]:
         out = []
