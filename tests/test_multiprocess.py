@@ -24,11 +24,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _classify_config(config, tmp_path):
+    """A classification run's config over real derived records (data/derived.py), its label
+    map fixed, the records prepared once here so the processes only read them."""
+    from data import derived
+    records = [json.loads(text) for _, text in derived.documents("docstring_package")][:60]
+    path = tmp_path / "task.jsonl"
+    path.write_text("".join(json.dumps({"text": r["text"], "label": r["label"]}) + "\n"
+                            for r in records))
+    task = config.copy_and_resolve_references()
+    task.train.objective = "classify"
+    task.data.update(source="task_files", paths=(str(path),), eval_paths=(str(path),),
+                     max_docs=0, batch_size=8, data_dir=str(tmp_path / "task_tfds"))
+    from data.tokenizer import Tokenizer
+    from train.finetune import backbone
+    from train.setup import with_vocab
+    task = backbone.resolve(task, tmp_path / "classify_run")   # layout, labels: as the loop does
+    return with_vocab(task, Tokenizer.load(task.data.tokenizer.path))
+
+
+def _predict(task_config, devices=None):
+    """Predictions of a freshly initialised classifier (seed 0) on the task's first records."""
+    from model.sharding import activate
+    from train import state as state_lib
+    from train.finetune import predict
+    from train.setup import build
+    from data.tokenizer import Tokenizer
+    if devices is not None:
+        task_config.mesh.update(data=len(devices), fsdp=1, tensor=1)
+    setup = build(task_config, devices)
+    with activate(setup.mesh, setup.rules):
+        state = state_lib.init(setup.model, setup.model_cfg, setup.tx, setup.state_shardings, 0)
+        found = predict.records(setup, task_config.data.eval_split, 20)
+        return predict.predict(setup, state.params,
+                               Tokenizer.load(task_config.data.tokenizer.path), found)
+
+
 def test_two_processes_assemble_the_global_batch_from_their_shards(config, tmp_path):
     from data import pipeline
     from data.tokenizer import Tokenizer
     config.data.update(batch_size=8, interleave=4, shuffle_window=16)
     (tmp_path / "config.json").write_text(config.to_json())
+    task = _classify_config(config, tmp_path)
+    (tmp_path / "classify.json").write_text(task.to_json())
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["PYTHONPATH"] = str(Path(__file__).parent.parent)   # this checkout's code, not another
@@ -75,6 +113,15 @@ def test_two_processes_assemble_the_global_batch_from_their_shards(config, tmp_p
     assert docs[0] | docs[1] == set(pipeline.documents(config.data, "train"))
     report = json.loads((tmp_path / "process0.json").read_text())
     assert report == {"process_count": 2, "devices": 4, "local_devices": 2}
+    # task predictions (what the task metrics are computed from) are the same on both
+    # processes as in one process
+    import jax
+    one = _predict(task, jax.devices()[:1])
+    for index in range(2):
+        seen = json.loads((tmp_path / f"predictions{index}.json").read_text())
+        assert [p["prediction"] for p in seen] == [p["prediction"] for p in one]
+        np.testing.assert_allclose([p["score"] for p in seen], [p["score"] for p in one],
+                                   rtol=1e-5)
     # training, checkpointing and resuming across processes launched by the CLI:
     # tests/test_multiprocess_cli.py
 
@@ -107,6 +154,9 @@ def _process(index: int, port: int, workdir: Path) -> None:
                     for k, v in batch.items()}
             if index == 0:
                 np.savez(workdir / f"{objective}_{step}.npz", **full)
+    task = ConfigDict(json.loads((workdir / "classify.json").read_text()))
+    task.mesh.update(data=-1, fsdp=1, tensor=1)   # 4 devices over the 2 processes
+    (workdir / f"predictions{index}.json").write_text(json.dumps(_predict(task)))
     if index == 0:
         (workdir / "process0.json").write_text(json.dumps({
             "process_count": jax.process_count(), "devices": jax.device_count(),

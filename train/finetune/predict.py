@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from data import pipeline, tasks as tasks_lib
 from data.tokenizer import EOS, Tokenizer
@@ -42,25 +43,29 @@ def records(setup: Setup, split: str, limit: int = 0) -> list[dict[str, Any]]:
 
 
 @functools.lru_cache(maxsize=8)
-def _forward(model):
+def _forward(model, mesh):
     def apply(params, batch):
         logits = model.apply({"params": params}, batch["inputs"], batch["positions"],
                              batch["segment_ids"], batch["type_ids"])
         return jax.nn.softmax(logits, axis=-1)
-    return jax.jit(apply)
+    # replicated out: with several processes each one reads every prediction
+    return jax.jit(apply, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
 def _probabilities(setup: Setup, params: Any, rows: list[dict[str, np.ndarray]]) -> np.ndarray:
-    """Label probabilities of each row, in data.batch_size batches (the last one padded)."""
+    """Label probabilities of each row, in data.batch_size batches (the last one padded). Every
+    process computes the same rows together (their batch sharded over the whole mesh) and
+    gets all the probabilities, so the task metrics agree across processes."""
     size = setup.config.data.batch_size
     keys = ("inputs", "positions", "segment_ids", "type_ids")
     out = []
     for start in range(0, len(rows), size):
         chunk = rows[start:start + size]
         chunk = chunk + [chunk[-1]] * (size - len(chunk))
-        batch = {k: jax.device_put(np.stack([r[k] for r in chunk]), setup.batch_sharding)
-                 for k in keys}
-        out.append(np.asarray(jax.device_get(_forward(setup.model)(params, batch))))
+        batch = {k: jax.make_array_from_callback(v.shape, setup.batch_sharding,
+                                                 lambda index, v=v: v[index])
+                 for k in keys for v in [np.stack([r[k] for r in chunk])]}
+        out.append(np.asarray(jax.device_get(_forward(setup.model, setup.mesh)(params, batch))))
     return np.concatenate(out)[:len(rows)]
 
 
