@@ -60,6 +60,26 @@ def _predict(task_config, devices=None):
                                Tokenizer.load(task_config.data.tokenizer.path), found)
 
 
+def _generate(lm_config, devices=None):
+    """Greedy text of a freshly initialised decoder (seed 0) for two prompts."""
+    from data.tokenizer import Tokenizer
+    from model.sharding import activate
+    from train import state as state_lib
+    from train.decoding import generate
+    from train.decoding.options import Options
+    from train.setup import build, with_vocab
+    import jax
+    tokenizer = Tokenizer.load(lm_config.data.tokenizer.path)
+    lm_config = with_vocab(lm_config, tokenizer)
+    lm_config.mesh.update(data=len(devices) if devices else -1, fsdp=1, tensor=1)
+    setup = build(lm_config, devices)
+    with activate(setup.mesh, setup.rules):
+        state = state_lib.init(setup.model, setup.model_cfg, setup.tx, setup.state_shardings, 0)
+        return generate.generate_text(setup.model_cfg, state.params, tokenizer,
+                                      ["def main(", "import os"], max_new_tokens=6,
+                                      options=Options("greedy"), rng=jax.random.PRNGKey(0))
+
+
 def test_two_processes_assemble_the_global_batch_from_their_shards(config, tmp_path):
     from data import pipeline
     from data.tokenizer import Tokenizer
@@ -113,9 +133,12 @@ def test_two_processes_assemble_the_global_batch_from_their_shards(config, tmp_p
     assert docs[0] | docs[1] == set(pipeline.documents(config.data, "train"))
     report = json.loads((tmp_path / "process0.json").read_text())
     assert report == {"process_count": 2, "devices": 4, "local_devices": 2}
-    # task predictions (what the task metrics are computed from) are the same on both
-    # processes as in one process
+    # generation and task predictions (what the task metrics are computed from) are the
+    # same on both processes as in one process
     import jax
+    texts = _generate(config, jax.devices()[:1])
+    for index in range(2):
+        assert json.loads((tmp_path / f"generated{index}.json").read_text()) == texts
     one = _predict(task, jax.devices()[:1])
     for index in range(2):
         seen = json.loads((tmp_path / f"predictions{index}.json").read_text())
@@ -157,6 +180,7 @@ def _process(index: int, port: int, workdir: Path) -> None:
     task = ConfigDict(json.loads((workdir / "classify.json").read_text()))
     task.mesh.update(data=-1, fsdp=1, tensor=1)   # 4 devices over the 2 processes
     (workdir / f"predictions{index}.json").write_text(json.dumps(_predict(task)))
+    (workdir / f"generated{index}.json").write_text(json.dumps(_generate(config)))
     if index == 0:
         (workdir / "process0.json").write_text(json.dumps({
             "process_count": jax.process_count(), "devices": jax.device_count(),
