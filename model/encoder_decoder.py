@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from model.attention import Attention
 from model.config import ModelConfig
 from model.encoder import EncoderStack, default_positions
-from model.layers import (Mlp, PositionEmbedding, constrain, dense, norm, prepend_prompt, stack,
-                          token_embedding)
+from model.layers import (Mlp, PositionEmbedding, constrain, dense, norm, prepend_prompt,
+                          prompted_segments, stack, token_embedding)
 
 
 class CrossDecoderBlock(nn.Module):
@@ -92,9 +92,11 @@ class EncoderDecoderLM(nn.Module):
 
     def encode(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
                segment_ids_BxT: jax.Array | None = None, *, train: bool = False,
-               prompt_PxD: jax.Array | None = None) -> jax.Array:
+               prompt_PxD: jax.Array | None = None, keep_prompt: bool = False) -> jax.Array:
         """The encoder output encoded_BxTxD (final-normed), which the decoder attends to;
-        `prompt_PxD`: a soft prompt read before the tokens (its outputs are dropped)."""
+        `prompt_PxD`: a soft prompt read before the tokens, whose P outputs are dropped (task
+        features) or, with `keep_prompt`, kept in front (for the decoder to attend to: their
+        segment ids are `model.layers.prompted_segments`)."""
         if positions_BxT is None:
             positions_BxT = default_positions(tokens_BxT)
         x_BxTxD = self._embed(tokens_BxT, positions_BxT, train)
@@ -102,7 +104,7 @@ class EncoderDecoderLM(nn.Module):
             return self.encoder(x_BxTxD, positions_BxT, segment_ids_BxT, train=train)
         h_BxTxD = self.encoder(*prepend_prompt(prompt_PxD, x_BxTxD, positions_BxT,
                                                segment_ids_BxT), train=train)
-        return h_BxTxD[:, prompt_PxD.shape[0]:]
+        return h_BxTxD if keep_prompt else h_BxTxD[:, prompt_PxD.shape[0]:]
 
     def decoder_logits(self, tokens_BxS: jax.Array, encoded_BxTxD: jax.Array | None,
                        encoder_segment_ids_BxT: jax.Array | None = None,
@@ -126,10 +128,16 @@ class EncoderDecoderLM(nn.Module):
                  encoder_positions_BxT: jax.Array | None = None,
                  encoder_segment_ids_BxT: jax.Array | None = None,
                  decoder_positions_BxS: jax.Array | None = None,
-                 decoder_segment_ids_BxS: jax.Array | None = None, *, train: bool = False
-                 ) -> jax.Array:
+                 decoder_segment_ids_BxS: jax.Array | None = None, *, train: bool = False,
+                 prompt_PxD: jax.Array | None = None) -> jax.Array:
+        """`prompt_PxD`: a soft prompt read before the encoder tokens (prompt tuning), which
+        the decoder attends to with them."""
         encoded_BxTxD = self.encode(encoder_tokens_BxT, encoder_positions_BxT,
-                                    encoder_segment_ids_BxT, train=train)
+                                    encoder_segment_ids_BxT, train=train, prompt_PxD=prompt_PxD,
+                                    keep_prompt=True)
+        if prompt_PxD is not None:
+            encoder_segment_ids_BxT = prompted_segments(
+                prompt_PxD.shape[0], encoder_segment_ids_BxT, encoder_tokens_BxT.shape)
         return self.decoder_logits(decoder_tokens_BxS, encoded_BxTxD, encoder_segment_ids_BxT,
                                    decoder_positions_BxS, decoder_segment_ids_BxS, train=train)
 

@@ -164,18 +164,25 @@ def prepend_prompt(prompt_PxD: jax.Array, x_BxTxD: jax.Array, positions_BxT: jax
                    segment_ids_BxT: jax.Array | None
                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Soft-prompt tuning: P trained vectors before each row's embedded tokens. They take
-    positions 0..P-1 (the tokens move up by P) and the row's first segment id, so every token
-    attends to them; callers drop the P positions from the output."""
+    positions 0..P-1 (the tokens move up by P) and the row's segment id (one example per row;
+    padding on either side), so every token attends to them; callers drop the P positions from
+    the output (or keep them, with `prompted_segments`, as a decoder's cross-attention does)."""
     b, p = x_BxTxD.shape[0], prompt_PxD.shape[0]
     prompt_BxPxD = jnp.broadcast_to(prompt_PxD.astype(x_BxTxD.dtype)[None],
                                     (b, p, x_BxTxD.shape[-1]))
-    if segment_ids_BxT is None:
-        segment_ids_BxT = jnp.ones(x_BxTxD.shape[:2], jnp.int32)
     positions_BxP = jnp.broadcast_to(jnp.arange(p, dtype=positions_BxT.dtype), (b, p))
     return (jnp.concatenate([prompt_BxPxD, x_BxTxD], axis=1),
             jnp.concatenate([positions_BxP, positions_BxT + p], axis=1),
-            jnp.concatenate([jnp.broadcast_to(segment_ids_BxT[:, :1], (b, p)),
-                             segment_ids_BxT], axis=1))
+            prompted_segments(p, segment_ids_BxT, x_BxTxD.shape[:2]))
+
+
+def prompted_segments(p: int, segment_ids_BxT: jax.Array | None,
+                      shape: tuple[int, int]) -> jax.Array:
+    """segment_ids_Bx(P+T) of rows read after a P-vector soft prompt (see `prepend_prompt`)."""
+    if segment_ids_BxT is None:
+        segment_ids_BxT = jnp.ones(shape, jnp.int32)
+    row_B1 = jnp.max(segment_ids_BxT, axis=1, keepdims=True)
+    return jnp.concatenate([jnp.broadcast_to(row_B1, (shape[0], p)), segment_ids_BxT], axis=1)
 
 
 _REMAT_POLICIES = {

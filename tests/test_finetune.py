@@ -419,6 +419,57 @@ def test_prompt_tuning_changes_only_the_prompt_and_head_on_every_family(config, 
     assert np.isfinite(float(metrics["loss"]))
 
 
+@pytest.mark.parametrize("family", ["decoder", "encoder_decoder"])
+def test_prompt_tuning_text2text_trains_only_the_prompt_and_decodes_with_it(config, family):
+    """A text2text prompt-tuned model: one step moves the soft prompt alone, and greedy
+    decoding (KV cache, left-padded prompts of two lengths) equals the argmax of the full
+    prompted model run over each growing sequence, and decoding without the cache."""
+    from train import soft_prompt
+    from train.decoding import generate
+    config.train.objective = "text2text"
+    config.model.update(family=family, vocab_size=128, n_decoder_layers=1, init_std=0.5)
+    config.finetune.update(mode="prompt", prompt_length=3)
+    config.opt.update(warmup_steps=0, weight_decay=0.0)
+    setup = build(config)
+    rows = families.objective("clm" if family == "decoder" else "span_corruption").synthetic(
+        config.data.batch_size, config.data.seq_len, config.model.vocab_size, 1)
+    batch = jax.device_put({k: np.asarray(v) for k, v in rows.items()}, setup.batch_sharding)
+    with activate(setup.mesh, setup.rules):
+        state = state_lib.init(setup.model, setup.model_cfg, setup.tx, setup.state_shardings, 0)
+        before = jax.device_get(state.params)
+        state, metrics = setup.train_step()(state, batch)
+        after = jax.device_get(state.params)
+    assert np.isfinite(float(metrics["loss"]))
+    assert after["prompt"].shape == (3, config.model.d_model)
+    assert not np.array_equal(before["prompt"], after["prompt"])
+    model_part = lambda p: soft_prompt.split(p)[0]   # noqa: E731
+    assert jax.tree.all(jax.tree.map(np.array_equal, model_part(before), model_part(after)))
+
+    params = dict(after)
+    params["prompt"] = np.asarray(after["prompt"]) * 4.0   # a prompt that steers the output
+    prompts = [[1, 40, 41, 42, 43], [1, 50, 51]]
+    cfg = setup.model_cfg
+    cached = generate.generate(cfg, params, prompts, max_new_tokens=4, stop_ids=(),
+                               vocab_limit=128)
+    assert cached == generate.generate(cfg, params, prompts, max_new_tokens=4, stop_ids=(),
+                                       vocab_limit=128, use_cache=False)
+    without = generate.generate(cfg, model_part(params), prompts, max_new_tokens=4,
+                                stop_ids=(), vocab_limit=128)
+    assert cached != without          # the soft prompt is read
+    for prompt, new in zip(prompts, cached):
+        out = []
+        for _ in range(4):
+            if family == "decoder":
+                tokens = np.array([prompt + out])
+                logits = setup.model.apply({"params": params}, tokens)[0, -1]
+            else:
+                from data.tokenizer import BOS
+                logits = setup.model.apply({"params": params}, np.array([prompt]),
+                                           np.array([[BOS] + out]))[0, -1]
+            out.append(int(np.argmax(np.asarray(logits)[:128])))
+        assert new == out
+
+
 def test_keep_best_and_early_stopping_follow_finetune_metric(config):
     from train.finetune import selection
     config.train.objective = "classify"

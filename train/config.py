@@ -112,9 +112,10 @@ def _check_finetune(cfg: ConfigDict) -> None:
         _check(ft[key] >= 0, f"finetune.{key} must be >= 0 (0 = off), got {ft[key]}")
     _check(ft.prompt_length >= 1, f"finetune.prompt_length must be >= 1, got "
            f"{ft.prompt_length}")
-    _check(ft.mode != "prompt" or families.objective(objective).head is not None,
-           f"finetune.mode=prompt tunes a soft prompt under a task head (classify, tag), not "
-           f"train.objective={objective}")
+    _check(ft.mode != "prompt" or families.objective(objective).head is not None
+           or objective == "text2text",
+           f"finetune.mode=prompt tunes a soft prompt for a task (classify, tag, text2text), "
+           f"not train.objective={objective}")
     _check(ft.lora_rank >= 1, f"finetune.lora_rank must be >= 1, got {ft.lora_rank}")
     _check(ft.lora_alpha > 0, f"finetune.lora_alpha must be positive, got {ft.lora_alpha}")
     _check(0 <= ft.lora_dropout < 1, f"finetune.lora_dropout must be in [0, 1), got "

@@ -21,7 +21,8 @@ from errors import ConfigError
 from model.config import ModelConfig
 from model.sharding import (Rules, activate, batch_sharding, check_process_rows, make_mesh,
                             rules_from_config, wait_for_all_processes)
-from train import families, lora, optimizer, state as state_lib, step as step_lib, synthetic
+from train import (families, lora, optimizer, soft_prompt, state as state_lib, step as step_lib,
+                   synthetic)
 
 
 @dataclasses.dataclass
@@ -91,6 +92,8 @@ def build(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Se
     ft = config.finetune
     model = families.build_for(model_cfg, config.train.objective, n_labels, ft.head_dropout,
                                ft.prompt_length if ft.mode == "prompt" else 0)
+    if ft.mode == "prompt" and families.objective(config.train.objective).head is None:
+        model = soft_prompt.SoftPromptModel(model, ft.prompt_length, model_cfg.init_std)
     if config.finetune.mode == "lora":
         model = lora.LoraModel(model, config.finetune.lora_rank, config.finetune.lora_alpha,
                                tuple(config.finetune.lora_targets),

@@ -43,6 +43,8 @@ from model import encoder_decoder
 from model.config import ModelConfig
 from model.decoder import DecoderLM
 from model.encoder_decoder import EncoderDecoderLM
+from model.layers import prompted_segments
+from train.soft_prompt import split as split_prompt
 
 Prompt = Mapping[str, jax.Array]
 
@@ -134,16 +136,21 @@ class CachedDecoder:
         return self.keep or max(self.window_size // 2, 1)
 
     def _prefill(self, params, tokens_RxT, segments_RxT, slots: int):
-        """Logits after the last token and a fresh `slots`-slot cache holding all T tokens."""
+        """Logits after the last token and a fresh `slots`-slot cache holding all T tokens
+        (after a prompt-tuned run's P soft-prompt vectors, which take P more slots and
+        positions)."""
         decoder = DecoderLM(self.cfg, decode=True)
+        params, soft_PxD = split_prompt(params)
+        extra = 0 if soft_PxD is None else soft_PxD.shape[0]
         rows = tokens_RxT.shape[0]
         shapes = jax.eval_shape(lambda: decoder.init(
-            jax.random.PRNGKey(0), jnp.zeros((rows, slots), jnp.int32)))["cache"]
+            jax.random.PRNGKey(0), jnp.zeros((rows, slots + extra), jnp.int32)))["cache"]
         cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         positions_RxT = positions_of(segments_RxT)
         logits_RxTxV, mutated = decoder.apply({"params": params, "cache": cache}, tokens_RxT,
-                                              positions_RxT, segments_RxT, mutable=["cache"])
-        return logits_RxTxV[:, -1], mutated["cache"], positions_RxT[:, -1] + 1
+                                              positions_RxT, segments_RxT, mutable=["cache"],
+                                              prompt_PxD=soft_PxD)
+        return logits_RxTxV[:, -1], mutated["cache"], positions_RxT[:, -1] + 1 + extra
 
     def start(self, params: Any, prompt: Prompt, max_new_tokens: int):
         history = History.of(prompt, max_new_tokens)
@@ -160,7 +167,7 @@ class CachedDecoder:
         def extend():
             decoder = DecoderLM(self.cfg, decode=True)
             logits_Rx1xV, mutated = decoder.apply(
-                {"params": params, "cache": state.cache}, token_R[:, None],
+                {"params": split_prompt(params)[0], "cache": state.cache}, token_R[:, None],
                 state.next_pos_R[:, None], jnp.ones_like(token_R)[:, None], mutable=["cache"])
             return logits_Rx1xV[:, -1], mutated["cache"], state.filled + 1, state.next_pos_R + 1
 
@@ -191,9 +198,10 @@ class Recompute:
     cfg: ModelConfig
 
     def _logits_at(self, params, history: History, index: jax.Array) -> jax.Array:
+        params, soft_PxD = split_prompt(params)
         logits_RxLxV = DecoderLM(self.cfg).apply(
             {"params": params}, history.tokens_RxL, positions_of(history.segments_RxL),
-            history.segments_RxL)
+            history.segments_RxL, prompt_PxD=soft_PxD)
         return lax.dynamic_index_in_dim(logits_RxLxV, index, axis=1, keepdims=False)
 
     def start(self, params: Any, prompt: Prompt, max_new_tokens: int):
@@ -210,13 +218,19 @@ class Recompute:
 
 def _encode(cfg: ModelConfig, params: Any, prompt: Prompt, window: int
             ) -> tuple[jax.Array, jax.Array]:
-    """The encoder output of the prompt's last `window` tokens, and their segment ids."""
+    """The encoder output of the prompt's last `window` tokens, and their segment ids (a
+    prompt-tuned run's encoder reads its soft prompt first and both come with its P vectors in
+    front, which the decoder attends to as in training)."""
     tokens_RxT, segments_RxT = prompt["tokens"], prompt["segments"]
     width = min(tokens_RxT.shape[1], window or cfg.max_len)
     tokens_RxT, segments_RxT = tokens_RxT[:, -width:], segments_RxT[:, -width:].astype(jnp.int32)
     model = EncoderDecoderLM(cfg)
+    params, soft_PxD = split_prompt(params)
     encoded_RxTxD = model.apply({"params": params}, tokens_RxT, positions_of(segments_RxT),
-                                segments_RxT, method=model.encode)
+                                segments_RxT, prompt_PxD=soft_PxD, keep_prompt=True,
+                                method=model.encode)
+    if soft_PxD is not None:
+        segments_RxT = prompted_segments(soft_PxD.shape[0], segments_RxT, segments_RxT.shape)
     return encoded_RxTxD, segments_RxT
 
 
@@ -236,7 +250,7 @@ class CachedEncoderDecoder:
     def _decoder(self, params, cache, token_Rx1, encoded, encoder_segments, position):
         model = EncoderDecoderLM(self.cfg, decode=True)
         logits_Rx1xV, mutated = model.apply(
-            {"params": params, "cache": cache}, token_Rx1, encoded, encoder_segments,
+            {"params": split_prompt(params)[0], "cache": cache}, token_Rx1, encoded, encoder_segments,
             jnp.full_like(token_Rx1, position), method=model.decoder_logits, mutable=["cache"])
         return logits_Rx1xV[:, -1], mutated["cache"]
 
@@ -275,7 +289,7 @@ class RecomputeEncoderDecoder:
         model = EncoderDecoderLM(self.cfg)
         history = state.decoder
         logits_RxSxV = model.apply(
-            {"params": params}, history.tokens_RxL, state.encoded_RxTxD,
+            {"params": split_prompt(params)[0]}, history.tokens_RxL, state.encoded_RxTxD,
             state.encoder_segments_RxT, positions_of(history.segments_RxL),
             history.segments_RxL, method=model.decoder_logits)
         return lax.dynamic_index_in_dim(logits_RxSxV, history.length - 1, 1, keepdims=False)

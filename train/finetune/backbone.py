@@ -21,7 +21,7 @@ from data import pipeline, tasks as tasks_lib
 from data.tokenizer import MODEL_FILE, Tokenizer
 from errors import CheckpointError, ConfigError
 from model.sharding import activate, logical_shardings
-from train import families, lora, state as state_lib
+from train import families, lora, soft_prompt, state as state_lib
 from train.checkpoint import Checkpointer
 from train.config import validate
 from train.restore import saved_config
@@ -132,8 +132,9 @@ def initial_state(setup: Setup, workdir: Path) -> state_lib.TrainState:
     params = dict(fresh.params)
     if "backbone" in params:    # a task head: graft what the TaskModel uses
         params["backbone"] = _graft(params["backbone"], restored, "backbone")
-    else:   # the family's own LM (text2text); LoRA adapters stay fresh
-        params.update(_graft({k: v for k, v in params.items() if k != lora.KEY}, restored, ""))
+    else:   # the family's own LM (text2text); LoRA adapters and a soft prompt stay fresh
+        params.update(_graft({k: v for k, v in params.items()
+                              if k not in (lora.KEY, soft_prompt.KEY)}, restored, ""))
     return state_lib.from_params(params, setup.tx, setup.state_shardings, config.train.seed)
 
 

@@ -105,6 +105,10 @@ def export(workdir: str | Path, out: str | Path, step: str | int = "latest",
     that directory in PEFT's format (train/hf/peft_adapter.py)."""
     config, _ = saved_config(workdir, step)
     chosen = choose_layout(ModelConfig.from_mapping(config.model), layout)  # before any restore
+    if config.finetune.get("mode") == "prompt":
+        raise ConfigError(f"{workdir} is a prompt-tuned run: its soft prompt has no Hugging Face "
+                          "layout; export the backbone run it was tuned from (its "
+                          "finetune.init_from) instead")
     if peft_adapter and config.finetune.mode != "lora":
         raise ConfigError(f"--peft-adapter: {workdir} is not a LoRA run (finetune.mode="
                           f"{config.finetune.mode}); export it without --peft-adapter")
