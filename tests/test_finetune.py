@@ -599,6 +599,29 @@ metric_list:
     np.testing.assert_allclose(rolling, expected, rtol=1e-5)
 
 
+def test_a_pretrained_backbone_beats_the_same_model_from_scratch(config, tmp_path):
+    """Docstring -> signature generation (data/derived.py) after the same 30 task steps: a
+    backbone pretrained for 80 steps on the corpus reaches a lower task loss on the dev split
+    than the same model from scratch (measured over seeds 0-2: 4.15-4.26 against 4.66-4.69)."""
+    rows = [{"input": r["input"], "target": r["target"]} for r in _records("signature")]
+    files = {"train": _write_jsonl(tmp_path / "train.jsonl", rows[:400]),
+             "dev": _write_jsonl(tmp_path / "dev.jsonl", rows[-64:])}
+    config.train.steps = 80
+    config.eval.update(every=80)
+    config.ckpt.update(every=80)
+    train(config.copy_and_resolve_references(), tmp_path / "pretrained", progress=False)
+    losses = {}
+    for name, init_from in (("fine-tuned", str(tmp_path / "pretrained")), ("scratch", "")):
+        run = task_config(config.copy_and_resolve_references(), files, "text2text",
+                          init_from=init_from, eval_examples=4, max_new_tokens=4)
+        run.data.tokenizer.path = "" if init_from else config.data.tokenizer.path
+        run.train.steps = 30
+        run.eval.update(every=30, steps=4)
+        run.ckpt.update(every=30)
+        losses[name] = train(run, tmp_path / name, progress=False)["loss"]
+    assert losses["fine-tuned"] < losses["scratch"] - 0.1, losses
+
+
 def test_init_from_a_hugging_face_directory(config, files, backbone, tmp_path):
     pytest.importorskip("transformers")
     from train.hf.convert import export
