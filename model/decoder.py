@@ -9,8 +9,8 @@ import jax.numpy as jnp
 
 from model.attention import Attention
 from model.config import ModelConfig
-from model.layers import (Mlp, PositionEmbedding, constrain, dense, norm, prepend_prompt, stack,
-                          tied_logits, token_embedding)
+from model.layers import (Mlp, PositionEmbedding, constrain, dense, norm, prepend_prompt, rotary,
+                          stack, tied_logits, token_embedding)
 
 
 def residual_std(cfg: ModelConfig) -> float:
@@ -63,6 +63,8 @@ class DecoderLM(nn.Module):
         if prompt_PxD is not None:
             x_BxTxD, positions_BxT, segment_ids_BxT = prepend_prompt(
                 prompt_PxD, x_BxTxD, positions_BxT, segment_ids_BxT)
+        if cfg.pos == "rope":   # its tables once, not in every layer
+            positions_BxT = rotary(positions_BxT, cfg.head_size, cfg.rope_theta)
         x_BxTxD = stack(cfg, DecoderBlock, cfg.n_layers, x_BxTxD, positions_BxT, segment_ids_BxT,
                         decode=self.decode, deterministic=not train)
         x_BxTxD = norm(cfg, "final_norm")(x_BxTxD)
