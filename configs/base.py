@@ -39,7 +39,7 @@ HELP = {
     "model.n_layers": "transformer blocks",
     "model.d_ff": "MLP hidden width (F)",
     "model.mlp": "swiglu | gelu",
-    "model.norm": "rmsnorm | layernorm (pre-norm everywhere)",
+    "model.norm": "rmsnorm | layernorm (pre-norm blocks unless model.post_norm)",
     "model.norm_eps": "epsilon of the norms",
     "model.pos": "rope | learned | sinusoidal",
     "model.rope_theta": "RoPE base frequency",
