@@ -39,7 +39,7 @@ HELP = {
     "model.n_layers": "transformer blocks",
     "model.d_ff": "MLP hidden width (F)",
     "model.mlp": "swiglu | gelu",
-    "model.norm": "rmsnorm | layernorm (pre-norm everywhere)",
+    "model.norm": "rmsnorm | layernorm (pre-norm blocks unless model.post_norm)",
     "model.norm_eps": "epsilon of the norms",
     "model.pos": "rope | learned | sinusoidal",
     "model.rope_theta": "RoPE base frequency",
@@ -56,7 +56,10 @@ HELP = {
                             "segment lengths and offsets) | mask (a dense T x T mask)",
     "model.init_std": "stddev of the normal initialiser of dense and embedding weights",
     "model.type_vocab_size": "encoder/electra: token-type (sentence A/B) embeddings; 0 = none",
-    "model.post_norm": "encoder/electra: BERT's post-LN blocks (exact HF BERT) instead of pre-norm",
+    "model.post_norm": "post-LN blocks, norm(x + f(x)), instead of pre-norm, in every family: "
+                       "BERT's (exact HF BERT) and the original Transformer's (decoder, "
+                       "encoder_decoder; no final norm); needs learning-rate warmup "
+                       "(opt.warmup_steps) or it diverges",
     "model.n_decoder_layers": "encoder_decoder: decoder blocks (n_layers counts the encoder's); "
                               "0 = n_layers",
     "model.generator_scale": "electra: generator d_model/heads/d_ff as a fraction of the "
@@ -75,7 +78,8 @@ HELP = {
     "data.validation_percent": "local corpora: percent of documents (by content hash) held out",
     "data.max_docs": "local corpora: keep at most this many documents; 0 = all",
     "data.seq_len": "tokens per training sequence (T; the encoder length of encoder-decoders)",
-    "data.target_len": "decoder length (S) of span_corruption/prefix_lm; 0 = derived / seq_len",
+    "data.target_len": "decoder length (S) of span_corruption/prefix_lm/denoise; 0 = derived "
+                       "/ seq_len",
     "data.batch_size": "global batch size in sequences (B), across all devices and hosts",
     "data.packing": "pack several examples into each row (segment ids keep them apart) vs pad",
     "data.shuffle_seed": "seed of the document and row shuffles and of all masking choices",
@@ -98,6 +102,17 @@ HELP = {
     "data.mlm.sentence_pairs": "mlm: none | nsp (50% random next) | sop (50% swapped order)",
     "data.spans.noise_density": "span_corruption: share of tokens hidden in spans",
     "data.spans.mean_length": "span_corruption: mean length of a hidden span",
+    # BART-style denoising (data/noise.py); the three token rates are shares of a chunk's tokens
+    "data.noise.mask_rate": "denoise: share of tokens replaced by [MASK] (token masking)",
+    "data.noise.delete_rate": "denoise: share of tokens removed (token deletion)",
+    "data.noise.infill_rate": "denoise: share of tokens hidden in spans, each span (Poisson "
+                              "lengths) replaced by one [MASK] (text infilling)",
+    "data.noise.infill_lambda": "denoise: mean (Poisson lambda) of infilled span lengths; a "
+                                "zero-length span inserts a [MASK]",
+    "data.noise.permute_rate": "denoise: share of a chunk's sentences shuffled among their "
+                               "places (sentence permutation; 1 = all)",
+    "data.noise.rotate_rate": "denoise: probability that a chunk is rotated to start at a "
+                              "random token (document rotation)",
     "data.eval_paths": "explicit evaluation files (globs) for source=task_files; empty = carve "
                        "validation from data.paths by hash (data.validation_percent)",
     "data.task.derived": "source=stdlib_task: docstring_package (classify) | token_types (tag) | "
@@ -133,9 +148,12 @@ HELP = {
     "train.steps": "optimizer steps in the whole run",
     "train.seed": "seed of parameter init and dropout",
     "train.objective": "clm (decoder) | mlm (encoder; + NSP/SOP given sentence pairs) | electra "
-                       "(electra) | span_corruption, prefix_lm (encoder_decoder) | tasks: "
-                       "classify, tag (any family), text2text (decoder, encoder_decoder)",
+                       "(electra) | span_corruption, prefix_lm, denoise (encoder_decoder) | "
+                       "tasks: classify, tag (any family), text2text (decoder, encoder_decoder)",
     "train.z_loss": "coefficient of the log(Z)^2 auxiliary loss; 0 = off",
+    "train.pair_weight": "mlm: weight (lambda) of the NSP/SOP loss added to the MLM loss",
+    "train.discriminator_weight": "electra: weight (lambda) of the discriminator loss added to "
+                                  "the generator's (paper: 50)",
     "train.log_every": "steps between metric logs",
     "train.peak_tflops": "device peak TFLOP/s for MFU; 0 = look up a known accelerator",
     "train.nonfinite": "a NaN/Inf loss or gradient norm: halt (stop, naming the step and the "
@@ -203,6 +221,8 @@ def get_config() -> ConfigDict:
         mlm=ConfigDict(dict(rate=0.15, mask_fraction=0.8, random_fraction=0.1, whole_word=False,
                             sentence_pairs="none")),
         spans=ConfigDict(dict(noise_density=0.15, mean_length=3.0)),
+        noise=ConfigDict(dict(mask_rate=0.0, delete_rate=0.0, infill_rate=0.3,
+                              infill_lambda=3.0, permute_rate=1.0, rotate_rate=0.0)),
         task=ConfigDict(dict(derived="docstring_package", labels=(), layout="auto")),
         tokenizer=ConfigDict(dict(path="", vocab_size=8192, model_type="unigram",
                                   sample_chars=5_000_000, character_coverage=0.9995,
@@ -217,6 +237,7 @@ def get_config() -> ConfigDict:
         steps=10_000, seed=0, objective="clm", z_loss=0.0, log_every=50, peak_tflops=0.0,
     ))
     c.train.update(nonfinite="halt", preempt_grace_s=30.0)   # surviving faults (train/preempt.py)
+    c.train.update(pair_weight=1.0, discriminator_weight=50.0)   # loss weights (objectives.py)
     c.eval = ConfigDict(dict(
         every=1000, steps=20, sample_prompt="def ", sample_tokens=64, sample_temperature=0.7,
     ))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from configs.loader import flat_items, number_problem
-from data import derived, masking, mixture, span_corruption, tasks, tokenizer
+from data import derived, masking, mixture, noise, span_corruption, tasks, tokenizer
 from data.cleaning import CleanConfig
 from errors import DataError
 
@@ -14,8 +14,14 @@ def target_length(data_cfg: Mapping[str, Any], objective: str) -> int:
     """Decoder length S of the rows of an encoder-decoder objective (data.target_len, or
     derived); 0 for the objectives whose rows have no decoder side."""
     seq_len, configured = data_cfg["seq_len"], data_cfg["target_len"]
-    if objective not in ("span_corruption", "prefix_lm"):
+    if objective not in ("span_corruption", "prefix_lm", "denoise"):
         return 0
+    if objective == "denoise":   # the target is the text, the input about as long
+        if configured > seq_len:
+            raise DataError(f"data.target_len={configured} exceeds data.seq_len={seq_len}: a "
+                            "denoised input is about as long as its target; set it <= seq_len "
+                            "(0 = seq_len)")
+        return configured or seq_len
     if objective == "prefix_lm":
         return configured or seq_len
     _, needed = span_corruption.chunk_and_target_lengths(
@@ -44,6 +50,7 @@ def check(data_cfg: Mapping[str, Any], objective: str) -> None:
     CleanConfig.from_mapping(data_cfg["clean"])
     masking.MaskConfig.from_mapping(data_cfg["mlm"])
     span_corruption.SpanConfig.from_mapping(data_cfg["spans"])
+    _check_noise(data_cfg, objective)
     for key in ("seq_len", "batch_size"):
         if data_cfg[key] <= 0:
             raise DataError(f"data.{key} must be positive, got {data_cfg[key]}")
@@ -71,6 +78,14 @@ def check(data_cfg: Mapping[str, Any], objective: str) -> None:
     _check_tokenizer(data_cfg["tokenizer"])
     target_length(data_cfg, objective)
     _check_task(data_cfg, objective)
+
+
+def _check_noise(data_cfg: Mapping[str, Any], objective: str) -> None:
+    """The data.noise section (any objective: a bad value never waits); denoising needs noise."""
+    cfg = noise.NoiseConfig.from_mapping(data_cfg["noise"])
+    if objective == "denoise" and not cfg.any:
+        raise DataError("train.objective=denoise with every data.noise rate at 0 only copies its "
+                        "input; set one, e.g. data.noise.infill_rate=0.3")
 
 
 def _check_task(data_cfg: Mapping[str, Any], objective: str) -> None:

@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding
 
 from data import builder as builder_lib
 from data import config as data_config
-from data import masking, mixture, packing, shuffling, span_corruption, tasks
+from data import masking, mixture, noise, packing, shuffling, span_corruption, tasks
 from data import tokenizer as tokenizer_lib
 from data.cleaning import CleanConfig
 from data.interleave import InterleaveExamples
@@ -127,6 +127,15 @@ def _prefix_lm_rows(docs, partners, tokenizer, data_cfg, cycle_length):
         packing_rows=data_cfg["packing"])
 
 
+def _denoise_rows(docs, partners, tokenizer, data_cfg, cycle_length):
+    seq_len, target_len = data_cfg["seq_len"], data_config.target_length(data_cfg, "denoise")
+    make = noise.DenoiseExamples(tokenizer, noise.NoiseConfig.from_mapping(data_cfg["noise"]),
+                                 seq_len, target_len)
+    return span_corruption.encoder_decoder_rows(
+        InterleaveExamples(docs, make, cycle_length), seq_len, target_len,
+        packing_rows=data_cfg["packing"])
+
+
 def _task_rows(task):
     def rows(docs, partners, tokenizer, data_cfg, cycle_length):
         return docs.map(tasks.task_rows(task, tokenizer, data_cfg)).to_iter_dataset()
@@ -140,6 +149,7 @@ ROWS: dict[str, Callable[..., grain.IterDataset]] = {
     "electra": _mlm_rows,     # the generator's masked inputs; the objective does the rest
     "span_corruption": _span_corruption_rows,
     "prefix_lm": _prefix_lm_rows,
+    "denoise": _denoise_rows,       # BART: noised text in, the text out (data/noise.py)
     **{task: _task_rows(task) for task in tasks.TASKS},   # labelled tasks: one example a row
 }
 

@@ -54,7 +54,7 @@ class ModelConfig:
     cudnn_segments: str  # packed rows on cuDNN: segment lengths/offsets, or a dense T x T mask
     init_std: float
     type_vocab_size: int  # encoder, electra: token types (sentence A/B); 0 = none
-    post_norm: bool  # encoder, electra: BERT's post-LN blocks instead of pre-norm
+    post_norm: bool  # post-LN blocks, norm(x + f(x)) (BERT, the original Transformer)
     n_decoder_layers: int  # encoder_decoder: decoder blocks (n_layers: encoder); 0 = same
     generator_scale: float  # electra: generator width / discriminator width
 
@@ -98,10 +98,6 @@ class ModelConfig:
         if not 0.0 < self.generator_scale <= 1.0:
             raise ModelConfigError(f"model.generator_scale must be in (0, 1], got "
                                    f"{self.generator_scale}")
-        if self.post_norm and self.family not in ("encoder", "electra"):
-            raise ModelConfigError(
-                f"model.post_norm=True is for the encoder and electra families (BERT-style "
-                f"blocks), not model.family={self.family!r}; set model.post_norm=False")
         if self.family == "electra":
             self.generator_config()  # the scaled generator must be a valid model too
 

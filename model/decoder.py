@@ -1,4 +1,5 @@
-"""Decoder-only causal language model (GPT / Llama style), pre-norm."""
+"""Decoder-only causal language model (GPT / Llama style): pre-norm blocks with a final norm, or
+with `model.post_norm` the original Transformer's post-LN blocks and no final norm."""
 from __future__ import annotations
 
 import math
@@ -9,8 +10,8 @@ import jax.numpy as jnp
 
 from model.attention import Attention
 from model.config import ModelConfig
-from model.layers import (Mlp, PositionEmbedding, constrain, dense, norm, prepend_prompt, rotary,
-                          stack, tied_logits, token_embedding)
+from model.layers import (Mlp, PositionEmbedding, constrain, dense, norm, prepend_prompt,
+                          residual, rotary, stack, tied_logits, token_embedding)
 
 
 def residual_std(cfg: ModelConfig) -> float:
@@ -28,12 +29,11 @@ class DecoderBlock(nn.Module):
                  segment_ids_BxT: jax.Array | None) -> tuple[jax.Array, None]:
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-        h_BxTxD = norm(cfg, "attn_norm")(x_BxTxD)
-        h_BxTxD = Attention(cfg, residual_std(cfg), causal=True, decode=self.decode,
-                            name="attn")(h_BxTxD, positions_BxT, segment_ids_BxT)
-        x_BxTxD = x_BxTxD + drop(h_BxTxD)
-        h_BxTxD = Mlp(cfg, residual_std(cfg), name="mlp")(norm(cfg, "mlp_norm")(x_BxTxD))
-        x_BxTxD = x_BxTxD + drop(h_BxTxD)
+        attn = Attention(cfg, residual_std(cfg), causal=True, decode=self.decode, name="attn")
+        x_BxTxD = residual(cfg, x_BxTxD, lambda h: attn(h, positions_BxT, segment_ids_BxT),
+                           norm(cfg, "attn_norm"), drop)
+        x_BxTxD = residual(cfg, x_BxTxD, Mlp(cfg, residual_std(cfg), name="mlp"),
+                           norm(cfg, "mlp_norm"), drop)
         return constrain(x_BxTxD, ("batch", "seq", "act_embed")), None
 
 
@@ -67,7 +67,8 @@ class DecoderLM(nn.Module):
             positions_BxT = rotary(positions_BxT, cfg.head_size, cfg.rope_theta)
         x_BxTxD = stack(cfg, DecoderBlock, cfg.n_layers, x_BxTxD, positions_BxT, segment_ids_BxT,
                         decode=self.decode, deterministic=not train)
-        x_BxTxD = norm(cfg, "final_norm")(x_BxTxD)
+        if not cfg.post_norm:     # post-LN blocks end normed already
+            x_BxTxD = norm(cfg, "final_norm")(x_BxTxD)
         if prompt_PxD is not None:
             x_BxTxD = x_BxTxD[:, prompt_PxD.shape[0]:]
         if hidden:

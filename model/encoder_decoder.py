@@ -18,11 +18,12 @@ from model.attention import Attention
 from model.config import ModelConfig
 from model.encoder import EncoderStack, default_positions
 from model.layers import (Mlp, PositionEmbedding, constrain, dense, norm, prepend_prompt,
-                          prompted_segments, stack, token_embedding)
+                          prompted_segments, residual, stack, token_embedding)
 
 
 class CrossDecoderBlock(nn.Module):
-    """Causal self-attention, cross-attention to the encoder output, MLP; all pre-norm."""
+    """Causal self-attention, cross-attention to the encoder output, MLP; pre-norm, or post-LN
+    (the original Transformer's decoder) with `model.post_norm`."""
     cfg: ModelConfig
     out_std: float
     decode: bool = False
@@ -34,20 +35,20 @@ class CrossDecoderBlock(nn.Module):
                  encoder_segment_ids_BxT: jax.Array | None) -> tuple[jax.Array, None]:
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-        h_BxSxD = Attention(cfg, self.out_std, causal=True, decode=self.decode, name="attn")(
-            norm(cfg, "attn_norm")(x_BxSxD), positions_BxS, segment_ids_BxS)
-        x_BxSxD = x_BxSxD + drop(h_BxSxD)
-        h_BxSxD = Attention(cfg, self.out_std, cross=True, decode=self.decode, name="cross_attn")(
-            norm(cfg, "cross_norm")(x_BxSxD), positions_BxS, segment_ids_BxS, encoded_BxTxD,
-            encoder_segment_ids_BxT)
-        x_BxSxD = x_BxSxD + drop(h_BxSxD)
-        h_BxSxD = Mlp(cfg, self.out_std, name="mlp")(norm(cfg, "mlp_norm")(x_BxSxD))
-        x_BxSxD = x_BxSxD + drop(h_BxSxD)
+        attn = Attention(cfg, self.out_std, causal=True, decode=self.decode, name="attn")
+        cross = Attention(cfg, self.out_std, cross=True, decode=self.decode, name="cross_attn")
+        x_BxSxD = residual(cfg, x_BxSxD, lambda h: attn(h, positions_BxS, segment_ids_BxS),
+                           norm(cfg, "attn_norm"), drop)
+        x_BxSxD = residual(cfg, x_BxSxD, lambda h: cross(
+            h, positions_BxS, segment_ids_BxS, encoded_BxTxD, encoder_segment_ids_BxT),
+            norm(cfg, "cross_norm"), drop)
+        x_BxSxD = residual(cfg, x_BxSxD, Mlp(cfg, self.out_std, name="mlp"),
+                           norm(cfg, "mlp_norm"), drop)
         return constrain(x_BxSxD, ("batch", "seq", "act_embed")), None
 
 
 class DecoderStack(nn.Module):
-    """`decoder_layers` cross-attending blocks ("layers") and the final norm."""
+    """`decoder_layers` cross-attending blocks ("layers") and, when pre-norm, the final norm."""
     cfg: ModelConfig
     decode: bool = False
 
@@ -62,7 +63,9 @@ class DecoderStack(nn.Module):
                         encoded_BxTxD, encoder_segment_ids_BxT,
                         out_std=cfg.init_std / math.sqrt(3 * n), decode=self.decode,
                         deterministic=not train)
-        return constrain(norm(cfg, "final_norm")(x_BxSxD), ("batch", "seq", "act_embed"))
+        if not cfg.post_norm:     # post-LN blocks end normed already
+            x_BxSxD = norm(cfg, "final_norm")(x_BxSxD)
+        return constrain(x_BxSxD, ("batch", "seq", "act_embed"))
 
 
 class EncoderDecoderLM(nn.Module):

@@ -87,6 +87,15 @@ def norm(cfg: ModelConfig, name: str | None = None) -> nn.Module:
                         name=name)
 
 
+def residual(cfg: ModelConfig, x: jax.Array, sublayer, norm_layer: nn.Module,
+             drop: nn.Module) -> jax.Array:
+    """One residual branch: pre-norm x + f(norm(x)), or with `model.post_norm` the original
+    Transformer's "residual, then layer norm", norm(x + f(x)) (which needs LR warmup)."""
+    if cfg.post_norm:
+        return norm_layer(x + drop(sublayer(x)))
+    return x + drop(sublayer(norm_layer(x)))
+
+
 def token_embedding(cfg: ModelConfig, name: str = "embed") -> nn.Embed:
     return nn.Embed(
         num_embeddings=cfg.vocab_size, features=cfg.d_model,

@@ -80,6 +80,10 @@ BASES = {
         {"model.family": "encoder_decoder", "train.objective": "prefix_lm",
          "model.pos": "learned"},
         ("model.max_len", "model.n_decoder_layers", "data.target_len", "data.seq_len")),
+    "denoise, post-LN": (
+        {"model.family": "encoder_decoder", "train.objective": "denoise", "model.post_norm": True},
+        ("data.noise.", "data.target_len", "model.post_norm", "train.pair_weight",
+         "train.discriminator_weight")),
 }
 
 

@@ -22,7 +22,7 @@ LAYOUTS = {  # the contract in train/objectives.py
     "clm": {"inputs": INT, "targets": INT, "positions": INT, "segment_ids": INT,
             "weights": FLOAT},
     "mlm": MLM_LAYOUT, "electra": MLM_LAYOUT,
-    "span_corruption": ENC_DEC_LAYOUT, "prefix_lm": ENC_DEC_LAYOUT,
+    "span_corruption": ENC_DEC_LAYOUT, "prefix_lm": ENC_DEC_LAYOUT, "denoise": ENC_DEC_LAYOUT,
 }
 
 
@@ -56,7 +56,7 @@ def _check_segments(seg, pos, real_weights=None):
 @pytest.mark.parametrize("objective,pairs", [("clm", "none"), ("mlm", "none"), ("mlm", "nsp"),
                                              ("mlm", "sop"), ("electra", "none"),
                                              ("span_corruption", "none"),
-                                             ("prefix_lm", "none")])
+                                             ("prefix_lm", "none"), ("denoise", "none")])
 def test_every_objective_yields_its_batch_layout(config, tokenizer, objective, pairs, packing):
     config.data.update(packing=packing)
     config.data.mlm.sentence_pairs = pairs
@@ -72,7 +72,7 @@ def test_every_objective_yields_its_batch_layout(config, tokenizer, objective, p
         assert batch[key].dtype == dtype, key
         length = s if key.startswith("decoder_") else t
         assert batch[key].shape == ((4,) if key.startswith("pair_") else (4, length)), key
-    if objective in ("span_corruption", "prefix_lm"):
+    if objective in ("span_corruption", "prefix_lm", "denoise"):
         _check_segments(batch["encoder_segment_ids"], batch["encoder_positions"])
         _check_segments(batch["decoder_segment_ids"], batch["decoder_positions"],
                         batch["decoder_weights"])

@@ -56,7 +56,7 @@ def _assert_same(a, b):
 
 @pytest.mark.parametrize("objective,pairs", [("clm", "none"), ("mlm", "none"), ("mlm", "nsp"),
                                              ("electra", "none"), ("span_corruption", "none"),
-                                             ("prefix_lm", "none")])
+                                             ("prefix_lm", "none"), ("denoise", "none")])
 def test_iterator_restored_from_a_checkpoint_continues_exactly(config, tokenizer, sharding,
                                                                tmp_path, objective, pairs):
     config.data.mlm.sentence_pairs = pairs

@@ -141,8 +141,6 @@ def test_bad_family_settings_name_the_key():
         dataclasses.replace(BASE, family="electra", generator_scale=0.0)
     with pytest.raises(ModelConfigError, match="model.generator_scale=0.6 gives an invalid"):
         dataclasses.replace(BASE, family="electra", generator_scale=0.6, n_kv_heads=0)
-    with pytest.raises(ModelConfigError, match="model.post_norm=True is for the encoder"):
-        dataclasses.replace(BASE, family="decoder", post_norm=True)
     with pytest.raises(ModelConfigError, match="model.type_vocab_size must be >= 0"):
         dataclasses.replace(BASE, type_vocab_size=-1)
     with pytest.raises(ModelConfigError, match="model.family='bert'"):

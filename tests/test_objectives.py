@@ -193,10 +193,6 @@ def test_bad_family_configs_are_clear_errors():
     config.model.generator_scale = 1.5
     with pytest.raises(ConfigError, match=r"model.generator_scale must be in \(0, 1\]"):
         validate(config)
-    config = objective_config("clm")
-    config.model.post_norm = True
-    with pytest.raises(ConfigError, match="model.post_norm=True is for the encoder"):
-        validate(config)
     config = objective_config("prefix_lm")
     config.model.n_decoder_layers = -1
     with pytest.raises(ConfigError, match="model.n_decoder_layers must be >= 0"):

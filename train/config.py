@@ -80,6 +80,9 @@ def validate(cfg: ConfigDict, devices: Sequence[jax.Device] | None = None) -> No
     _check(train.steps > 0, f"train.steps must be positive, got {train.steps}")
     _check(train.seed >= 0, f"train.seed must be >= 0, got {train.seed}")
     _check(train.z_loss >= 0, f"train.z_loss must be >= 0, got {train.z_loss}")
+    for key in ("pair_weight", "discriminator_weight"):   # loss weights (lambda) of mlm, electra
+        _check(train[key] >= 0, f"train.{key} must be >= 0 (0 = that loss off), got "
+               f"{train[key]}")
     _check(train.peak_tflops >= 0, f"train.peak_tflops must be >= 0 (0 = the device's known "
            f"peak), got {train.peak_tflops}")
     # .get: a checkpoint saved before these keys existed still restores

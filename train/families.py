@@ -15,6 +15,7 @@ family or objective name.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -74,6 +75,7 @@ class Objective:
     bits_per_byte: bool = False        # its targets are the text itself, so bytes are defined
     head: str | None = None            # a task head of model/heads.py (None: the family's LM)
     carriers: tuple[str, ...] = ()     # task objectives: the families that can train them
+    weights: tuple[tuple[str, str], ...] = ()   # (loss keyword, train.* key): loss weights
 
 
 def _attention(layers: int, cfg: ModelConfig, context: int) -> float:
@@ -143,13 +145,18 @@ assert set(FAMILIES) == set(MODEL_FAMILIES), "every model family needs a Family 
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Objective("clm", "decoder", losses.clm, synthetic.clm_batch, bits_per_byte=True),
     Objective("mlm", "encoder", losses.mlm,
-              lambda *a: synthetic.mlm_batch(*a, pairs=True)),
+              lambda *a: synthetic.mlm_batch(*a, pairs=True),
+              weights=(("pair_weight", "pair_weight"),)),
     Objective("electra", "electra", losses.electra,
-              lambda *a: synthetic.mlm_batch(*a, pairs=False)),
+              lambda *a: synthetic.mlm_batch(*a, pairs=False),
+              weights=(("discriminator_weight", "discriminator_weight"),)),
     Objective("span_corruption", "encoder_decoder", losses.seq2seq,
               synthetic.span_corruption_batch,
               decoder_length=lambda t: synthetic.span_corruption_length(t)[1]),
     Objective("prefix_lm", "encoder_decoder", losses.seq2seq, synthetic.prefix_lm_batch,
+              decoder_length=lambda t: t),
+    # BART: noised text in, the text out (data/noise.py); decoder length data.target_len or T
+    Objective("denoise", "encoder_decoder", losses.seq2seq, synthetic.denoise_batch,
               decoder_length=lambda t: t),
 )}
 
@@ -193,6 +200,15 @@ def objectives_of(family_name: str) -> tuple[str, ...]:
     """The objectives that train a family."""
     return tuple(o.name for o in (*OBJECTIVES.values(), *TASKS.values())
                  if trains(o.name, family_name))
+
+
+def loss(config: ConfigDict) -> losses.Objective:
+    """`train.objective`'s loss with the config's loss weights bound (train.pair_weight,
+    train.discriminator_weight); the step passes z_loss itself."""
+    o = objective(config.train.objective)
+    if not o.weights:
+        return o.loss
+    return functools.partial(o.loss, **{kw: float(config.train[key]) for kw, key in o.weights})
 
 
 def build(cfg: ModelConfig, *, decode: bool = False) -> nn.Module:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
-from data import pipeline
+from data import config as data_config, pipeline
 from data.tokenizer import Tokenizer
 from errors import TrainingDiverged
 from model.sharding import activate
@@ -262,7 +262,10 @@ class Reporter:
         config = setup.config
         self.log, self.every = log, every
         self.tokens_per_step = config.data.batch_size * config.data.seq_len
-        self.flops = families.flops_per_token(setup.model_cfg, n_params, config.data.seq_len)
+        # encoder-decoders: decoder parameters work on the rows' decoder length (data.target_len)
+        self.flops = families.flops_per_token(
+            setup.model_cfg, n_params, config.data.seq_len,
+            data_config.target_length(config.data, config.train.objective) or None)
         self.peak = peak_tflops(config.train.peak_tflops)
         self.pending: tuple[int, Any] | None = None
         self.watch: NonFiniteWatch | None = None

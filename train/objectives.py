@@ -12,8 +12,8 @@ Batch layouts (data/pipeline.py produces them; int32 unless noted, B rows):
                    token was selected for prediction); with sentence pairs also pair_labels [B]
                    (1 = true next / right order) and pair_weights [B] float32
   span_corruption, encoder_inputs, encoder_positions, encoder_segment_ids [B,T];
-  prefix_lm        decoder_inputs, decoder_targets, decoder_positions, decoder_segment_ids [B,S];
-                   decoder_weights [B,S] float32
+  prefix_lm,       decoder_inputs, decoder_targets, decoder_positions, decoder_segment_ids [B,S];
+  denoise          decoder_weights [B,S] float32
   classify, tag,    one example a row (see data/tasks.py): inputs, positions, segment_ids,
   text2text        type_ids [B,T] with labels [B] + label_weights [B], or tags [B,T] +
                    tag_weights [B,T]; text2text rows are clm's or span_corruption's layout
@@ -21,7 +21,8 @@ segment_ids are 1, 2, ... per packed example and 0 for padding, in every layout.
 
 An objective with two losses of different denominators (MLM + sentence pair, ELECTRA's generator
 + discriminator) rescales the second to the first's weight, so that total / weight is the sum of
-the two means, as in the papers (exactly per micro-batch).
+the two means, as in the papers (exactly per micro-batch); the second is weighted by the
+config's lambda (train.pair_weight, train.discriminator_weight), which families.loss binds.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+
+from configs.base import get_config as base_config
 
 Sums = dict[str, jax.Array]
 Objective = Callable[..., tuple[jax.Array, Sums]]
@@ -75,10 +78,14 @@ def pair_cross_entropy(logits_Bx2: jax.Array, labels_B: jax.Array, weights_B: ja
                                        "pair_accuracy": jnp.sum(correct_B * weights_B)}
 
 
+PAIR_WEIGHT = base_config().train.pair_weight   # BERT adds the two losses: lambda = 1
+
+
 def mlm(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng: jax.Array,
-        train: bool, z_loss: float = 0.0) -> tuple[jax.Array, Sums]:
-    """BERT: masked-token cross entropy on the weighted positions (its mean is "loss"), plus the
-    mean sentence-pair loss when the batch has `pair_labels`."""
+        train: bool, z_loss: float = 0.0, pair_weight: float = PAIR_WEIGHT
+        ) -> tuple[jax.Array, Sums]:
+    """BERT: masked-token cross entropy on the weighted positions (its mean is "loss"), plus
+    `pair_weight` times the mean sentence-pair loss when the batch has `pair_labels`."""
     out = model.apply({"params": params}, batch["inputs"], batch["positions"],
                       batch["segment_ids"], batch["type_ids"], train=train,
                       rngs={"dropout": rng})
@@ -89,22 +96,24 @@ def mlm(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng: jax.
         _, pair_sums = pair_cross_entropy(out["pair_logits"], batch["pair_labels"],
                                           pair_weights_B)
         pair_sums = _rescaled(pair_sums, jnp.sum(pair_weights_B), sums["weight"])
-        total = total + pair_sums["pair_loss"]
+        total = total + pair_weight * pair_sums["pair_loss"]
         sums.update(pair_sums)
     return total, sums
 
 
-DISCRIMINATOR_WEIGHT = 50.0   # ELECTRA's lambda: the discriminator loss is ~50x smaller
+# ELECTRA's lambda (the discriminator loss is ~50x smaller); train.discriminator_weight sets it
+DISCRIMINATOR_WEIGHT = base_config().train.discriminator_weight
 
 
 def electra(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng: jax.Array,
-            train: bool, z_loss: float = 0.0) -> tuple[jax.Array, Sums]:
+            train: bool, z_loss: float = 0.0,
+            discriminator_weight: float = DISCRIMINATOR_WEIGHT) -> tuple[jax.Array, Sums]:
     """ELECTRA, generator and discriminator trained jointly.
 
     The generator's MLM predicts the selected (weighted) positions; a sample from its softmax
     (no gradient) replaces them; the discriminator labels every real token as original or
     replaced (a sample equal to the original counts as original). The minimised loss is
-    generator MLM mean + DISCRIMINATOR_WEIGHT * discriminator BCE mean over real tokens, and
+    generator MLM mean + discriminator_weight * discriminator BCE mean over real tokens, and
     "weight" counts the real tokens.
     """
     dropout_rng, sample_rng = jax.random.split(rng)
@@ -128,9 +137,9 @@ def electra(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng: 
     gen = _rescaled({"generator_loss": gen_sums["loss"], "generator_accuracy":
                      gen_sums["accuracy"], "z_loss": gen_sums["z_loss"], "total": gen_total},
                     gen_sums["weight"], n_real)
-    total = gen.pop("total") + DISCRIMINATOR_WEIGHT * disc_sum
+    total = gen.pop("total") + discriminator_weight * disc_sum
     correct_BxT = (rtd_logits_BxT > 0) == (replaced_BxT > 0)
-    return total, {"loss": gen["generator_loss"] + DISCRIMINATOR_WEIGHT * disc_sum, **gen,
+    return total, {"loss": gen["generator_loss"] + discriminator_weight * disc_sum, **gen,
                    "discriminator_loss": disc_sum,
                    "discriminator_accuracy": jnp.sum(correct_BxT * real_BxT),
                    "replaced": jnp.sum(replaced_BxT * real_BxT), "weight": n_real}
@@ -138,7 +147,8 @@ def electra(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng: 
 
 def seq2seq(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng: jax.Array,
             train: bool, z_loss: float = 0.0) -> tuple[jax.Array, Sums]:
-    """Encoder-decoder cross entropy of `decoder_targets` (span corruption, prefix LM)."""
+    """Encoder-decoder cross entropy of `decoder_targets` (span corruption, prefix LM,
+    denoising)."""
     logits_BxSxV = model.apply(
         {"params": params}, batch["encoder_inputs"], batch["decoder_inputs"],
         batch["encoder_positions"], batch["encoder_segment_ids"], batch["decoder_positions"],
@@ -178,4 +188,5 @@ def text2text(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng
 
 OBJECTIVES: dict[str, Objective] = {"clm": clm, "mlm": mlm, "electra": electra,
                                     "span_corruption": seq2seq, "prefix_lm": seq2seq,
+                                    "denoise": seq2seq,
                                     "classify": classify, "tag": tag, "text2text": text2text}

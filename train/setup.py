@@ -44,14 +44,14 @@ class Setup:
 
     def train_step(self):
         return in_step(step_lib.jit_train_step(
-            self.state_shardings, self.batch_sharding, objective=self.objective.loss,
+            self.state_shardings, self.batch_sharding, objective=families.loss(self.config),
             model=self.model, tx=self.tx, lr_schedule=self.lr_schedule,
             grad_accum=self.config.opt.grad_accum, z_loss=self.config.train.z_loss,
             skip_nonfinite=self.config.train.get("nonfinite") == "skip"), "train")
 
     def eval_step(self):
         return in_step(step_lib.jit_eval_step(
-            self.state_shardings.params, self.batch_sharding, objective=self.objective.loss,
+            self.state_shardings.params, self.batch_sharding, objective=families.loss(self.config),
             model=self.model), "eval")
 
 

@@ -111,6 +111,16 @@ def prefix_lm_batch(rows: int, length: int, vocab: int, seed: int) -> Batch:
     return _seq2seq(text[:, :length], text[:, length:])
 
 
+def denoise_batch(rows: int, length: int, vocab: int, seed: int) -> Batch:
+    """BART rows: the encoder reads `length` - 1 tokens of text with 30% of them [MASK] (token
+    masking, which keeps both sides `length` long) and EOS; the decoder rebuilds the text."""
+    rng = np.random.default_rng(seed)
+    text = np.concatenate([periodic(rng, rows, length - 1, vocab),
+                           np.full((rows, 1), EOS, np.int32)], 1)
+    masked = (rng.random((rows, length)) < 0.3) & (text != EOS)
+    return _seq2seq(np.where(masked, MASK, text).astype(np.int32), text)
+
+
 def _seq2seq(encoder_BxT: np.ndarray, targets_BxS: np.ndarray) -> Batch:
     rows, length = encoder_BxT.shape
     decoder_length = targets_BxS.shape[1]

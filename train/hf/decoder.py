@@ -27,6 +27,7 @@ def _tokens(cfg: ModelConfig) -> dict[str, Any]:
 # ---- Llama ----
 
 def _llama_check(cfg: ModelConfig) -> None:
+    require(cfg, "llama", "decoder", dict(post_norm=False))   # both layouts are pre-norm
     require(cfg, "llama", "decoder", dict(norm="rmsnorm", mlp="swiglu", pos="rope",
                                           use_bias=False),
             " (a layernorm/gelu/learned-position model with biases fits --layout gpt2)")
@@ -92,6 +93,7 @@ LLAMA = Layout(name="llama", model_type="llama", architecture="LlamaForCausalLM"
 
 def _gpt2_check(cfg: ModelConfig) -> None:
     hint = " (an rmsnorm/swiglu/rope model without biases fits --layout llama)"
+    require(cfg, "gpt2", "decoder", dict(post_norm=False))
     require(cfg, "gpt2", "decoder", dict(norm="layernorm", mlp="gelu", pos="learned",
                                          use_bias=True, tie_embeddings=True), hint)
     require_plain_heads(cfg, "gpt2")
