@@ -30,7 +30,7 @@ DEFAULT_RULES = (
 
 HELP = {
     "model.family": "decoder (causal LM) | encoder (BERT: MLM, NSP/SOP) | encoder_decoder (T5) "
-                    "| electra (generator + discriminator)",
+                    "| electra (generator + discriminator) | xlnet (two-stream permutation LM)",
     "model.vocab_size": "vocabulary size; 0 = take it from the tokenizer",
     "model.d_model": "residual stream width (D)",
     "model.n_heads": "query heads (H)",
@@ -98,6 +98,8 @@ HELP = {
     "data.mlm.sentence_pairs": "mlm: none | nsp (50% random next) | sop (50% swapped order)",
     "data.spans.noise_density": "span_corruption: share of tokens hidden in spans",
     "data.spans.mean_length": "span_corruption: mean length of a hidden span",
+    "data.plm.predict_ratio": "plm (XLNet): share of each factorisation order predicted, its "
+                              "last 1/K (K = 6: 1/6)",
     "data.eval_paths": "explicit evaluation files (globs) for source=task_files; empty = carve "
                        "validation from data.paths by hash (data.validation_percent)",
     "data.task.derived": "source=stdlib_task: docstring_package (classify) | token_types (tag) | "
@@ -133,7 +135,8 @@ HELP = {
     "train.steps": "optimizer steps in the whole run",
     "train.seed": "seed of parameter init and dropout",
     "train.objective": "clm (decoder) | mlm (encoder; + NSP/SOP given sentence pairs) | electra "
-                       "(electra) | span_corruption, prefix_lm (encoder_decoder) | tasks: "
+                       "(electra) | span_corruption, prefix_lm (encoder_decoder) | plm "
+                       "(xlnet: permutation LM) | tasks: "
                        "classify, tag (any family), text2text (decoder, encoder_decoder)",
     "train.z_loss": "coefficient of the log(Z)^2 auxiliary loss; 0 = off",
     "train.log_every": "steps between metric logs",
@@ -203,6 +206,7 @@ def get_config() -> ConfigDict:
         mlm=ConfigDict(dict(rate=0.15, mask_fraction=0.8, random_fraction=0.1, whole_word=False,
                             sentence_pairs="none")),
         spans=ConfigDict(dict(noise_density=0.15, mean_length=3.0)),
+        plm=ConfigDict(dict(predict_ratio=1 / 6)),   # XLNet permutation LM (data/plm.py)
         task=ConfigDict(dict(derived="docstring_package", labels=(), layout="auto")),
         tokenizer=ConfigDict(dict(path="", vocab_size=8192, model_type="unigram",
                                   sample_chars=5_000_000, character_coverage=0.9995,

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
+from data.plm import predict_slots
 from errors import ConfigError
 from model.config import FAMILIES as MODEL_FAMILIES, ModelConfig
 from model.decoder import DecoderLM
@@ -30,6 +31,7 @@ from model.electra import ElectraLM
 from model.encoder import EncoderLM
 from model.encoder_decoder import EncoderDecoderLM
 from model.heads import TaskModel
+from model.xlnet import XLNetLM
 from train import objectives as losses, synthetic
 from train.decoding import steppers
 from train.hf import bert as hf_bert, decoder as hf_decoder
@@ -113,6 +115,20 @@ def _encoder_decoder_flops(cfg: ModelConfig, n_params: int, seq_len: int,
     return (matmuls + attention) / t
 
 
+def _xlnet_flops(cfg: ModelConfig, n_params: int, seq_len: int,
+                 query_len: int | None = None) -> float:
+    """Per input token, with `query_len` query-stream positions per row (default: those of
+    data.plm.predict_ratio's default): the blocks work on both streams, T content + P query
+    positions, the output projection on the P predicted ones only, token lookups are free;
+    attention is T + P queries over T keys (the permutation masks do not skip any)."""
+    t = seq_len
+    p = predict_slots(t, synthetic.PLM_RATIO) if query_len is None else query_len
+    table = cfg.vocab_size * cfg.d_model
+    n_blocks = n_params - table * (1 if cfg.tie_embeddings else 2)
+    matmuls = 6.0 * (n_blocks * (t + p) + table * p)
+    return (matmuls + _attention(cfg.n_layers, cfg, t) * (t + p)) / t
+
+
 # (module, tokens, positions, segment ids, type ids, train, **soft prompt) -> h_BxTxD
 def _decoder_features(m, tokens, positions, segments, types, train, **prompt):
     return m(tokens, positions, segments, train=train, hidden=True, **prompt)
@@ -137,6 +153,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("encoder_decoder", EncoderDecoderLM, n_inputs=2, flops=_encoder_decoder_flops,
            prompting="encode", stepper=steppers.encoder_decoder_stepper,
            features=_t5_features, pooling="mean", task_layout="seq2seq"),
+    # XLNet: pretraining only (no task head, no decoding), see model/xlnet.py
+    Family("xlnet", XLNetLM, n_inputs=1, flops=_xlnet_flops),
 )}
 assert set(FAMILIES) == set(MODEL_FAMILIES), "every model family needs a Family record"
 
@@ -151,6 +169,9 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
               decoder_length=lambda t: synthetic.span_corruption_length(t)[1]),
     Objective("prefix_lm", "encoder_decoder", losses.seq2seq, synthetic.prefix_lm_batch,
               decoder_length=lambda t: t),
+    # decoder_length: XLNet's query stream, P of T positions (synthetic batches: K = 6)
+    Objective("plm", "xlnet", losses.plm, synthetic.plm_batch,
+              decoder_length=lambda t: predict_slots(t, synthetic.PLM_RATIO)),
 )}
 
 

@@ -12,12 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data import plm
 from data.tokenizer import BOS, EOS
 
 MASK, CLS, SEP = 5, 6, 7
 FIRST_TOKEN = 16
 PERIOD = 4
 SPAN_LENGTH, NOISE_DENSITY = 3, 0.15   # T5's mean span length and corruption rate
+PLM_RATIO = 1 / 6                      # XLNet's partial prediction, K = 6
 Batch = dict[str, np.ndarray]
 
 
@@ -123,6 +125,21 @@ def _seq2seq(encoder_BxT: np.ndarray, targets_BxS: np.ndarray) -> Batch:
             "decoder_targets": targets_BxS, "decoder_positions": dec_positions,
             "decoder_segment_ids": dec_segments,
             "decoder_weights": np.ones((rows, decoder_length), np.float32)}
+
+
+def plm_batch(rows: int, length: int, vocab: int, seed: int) -> Batch:
+    """XLNet rows: periodic text, one random factorisation order per row, the last
+    floor(length * PLM_RATIO) of it predicted (data/plm.py's layout, unpacked)."""
+    rng = np.random.default_rng(seed)
+    tokens = periodic(rng, rows, length, vocab)
+    examples = [plm.permuted(row, PLM_RATIO, rng, 0) for row in tokens]
+    slots = plm.predict_slots(length, PLM_RATIO)
+    positions, segments = _unpacked(rows, length)
+    predict = np.stack([np.flatnonzero(e["predict"])[:slots] for e in examples]).astype(np.int32)
+    return {"inputs": tokens, "positions": positions, "segment_ids": segments,
+            "order": np.stack([e["order"] for e in examples]), "predict_positions": predict,
+            "targets": np.take_along_axis(tokens, predict, 1),
+            "weights": np.ones((rows, slots), np.float32)}
 
 
 N_SYNTHETIC_LABELS = 4
