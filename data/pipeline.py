@@ -129,7 +129,7 @@ def _prefix_lm_rows(docs, partners, tokenizer, data_cfg, cycle_length):
 
 def _plm_rows(docs, partners, tokenizer, data_cfg, cycle_length):
     cfg, seq_len = plm.PlmConfig.from_mapping(data_cfg["plm"]), data_cfg["seq_len"]
-    make = plm.PlmExamples(tokenizer, cfg, seq_len)
+    make = plm.PlmExamples(tokenizer, seq_len)
     return plm.plm_rows(InterleaveExamples(docs, make, cycle_length), seq_len,
                         cfg.predict_ratio, packing_rows=data_cfg["packing"])
 

@@ -1,17 +1,18 @@
-"""XLNet permutation-LM examples: a factorisation order per example and partial prediction.
+"""XLNet permutation-LM rows: a factorisation order per segment and partial prediction.
 
-Each example (a piece of at most `seq_len` tokens of one document) draws a random permutation
-z of its n tokens from the document's seed, so a resumed run draws the same orders. `order`
-holds each token's rank in z (0 = first); the model lets a token's content stream see the
-tokens of rank <= its own and its query stream those of rank < its own, inside its segment.
-Only the last floor(n * predict_ratio) tokens of the order are predicted (XLNet's partial
-prediction with K = 1 / predict_ratio), so every predicted token has context before it.
+Every token of a document draws a random key from the document's seed (so a resumed run draws
+the same orders); rows are packed like causal-LM rows (full, a document continuing in the next
+row), and each segment's factorisation order z is its tokens sorted by key, a uniformly random
+permutation of whatever part of the document the segment holds. `order` holds each token's
+rank in z (0 = first); the model lets a token's content stream see the tokens of rank <= its
+own and its query stream those of rank < its own, inside its segment. Only the last
+floor(n * predict_ratio) tokens of a segment's order are predicted (XLNet's partial prediction,
+K = 1 / predict_ratio), so every predicted token has context before it.
 
-Packed rows carry the per-token `order` of each example (ranks restart in each segment) and a
-fixed number of prediction slots, `predict_slots(seq_len, ratio)`: the positions of the
-predicted tokens in row order (`predict_positions`), their ids (`targets`) and `weights`
-(1 for a used slot, 0 after the last). A row never predicts more than the slots hold: the
-floors of the segments sum to at most the floor of the row's.
+A row has a fixed number of prediction slots, `predict_slots(seq_len, ratio)`: the positions
+of the predicted tokens in row order (`predict_positions`), their ids (`targets`) and
+`weights` (1 for a used slot, 0 after the last). A row never predicts more than the slots
+hold: the floors of its segments sum to at most the floor of the row's.
 """
 from __future__ import annotations
 
@@ -61,52 +62,61 @@ class PlmConfig:
                             f"{self.predict_ratio} predicts no token of a row; raise one of them")
 
 
-def permuted(ids: np.ndarray, ratio: float, rng: np.random.Generator, epoch: int) -> Example:
-    """One example: its tokens, each token's rank in a random factorisation order, and which
-    tokens are predicted (the last floor(n * ratio) ranks)."""
-    n = len(ids)
-    order = np.empty(n, np.int32)
-    order[rng.permutation(n)] = np.arange(n, dtype=np.int32)
-    predict = (order >= n - predicted_count(n, ratio)).astype(np.int32)
-    return {"inputs": ids.astype(np.int32), "order": order, "predict": predict, "epoch": epoch}
+def order_and_predicted(keys_T: np.ndarray, segment_ids_T: np.ndarray, ratio: float
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Each token's rank in its segment's factorisation order (the segment's tokens sorted by
+    their random keys, a uniformly random permutation), and whether it is predicted (the last
+    floor(n * ratio) ranks of a segment of n); padding (segment 0) gets rank 0, unpredicted."""
+    order = np.zeros(len(keys_T), np.int32)
+    predict = np.zeros(len(keys_T), bool)
+    for s in np.unique(segment_ids_T[segment_ids_T > 0]):
+        where = np.flatnonzero(segment_ids_T == s)
+        ranks = np.empty(len(where), np.int32)
+        ranks[np.argsort(keys_T[where], kind="stable")] = np.arange(len(where))
+        order[where] = ranks
+        predict[where] = ranks >= len(where) - predicted_count(len(where), ratio)
+    return order, predict
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class PlmExamples:
-    """Doc -> permuted examples of at most `seq_len` tokens each (no [BOS]/[EOS]: XLNet reads
-    plain text; an empty document gives none)."""
+    """Doc -> pieces of at most `seq_len` tokens, each token with a random key drawn from the
+    document's seed (no [BOS]/[EOS]: XLNet reads plain text; an empty document gives none)."""
     tokenizer: Tokenizer
-    cfg: PlmConfig
     seq_len: int
 
     def __call__(self, doc: Doc) -> list[Example]:
         rng = doc.rng()
-        ids = self.tokenizer.encode_array(doc.text)
-        return [permuted(ids[i:i + self.seq_len], self.cfg.predict_ratio, rng, doc.epoch)
-                for i in range(0, len(ids), self.seq_len)]
+        ids = self.tokenizer.encode_array(doc.text).astype(np.int32)
+        keys = rng.random(len(ids), dtype=np.float32)
+        return [{"inputs": ids[i:i + self.seq_len], "keys": keys[i:i + self.seq_len],
+                 "epoch": doc.epoch} for i in range(0, len(ids), self.seq_len)]
 
 
 @dataclasses.dataclass(frozen=True)
-class _Slots:
-    """A packed row -> its prediction slots (see the module docstring)."""
+class _Orders:
+    """A packed row -> its orders and prediction slots (see the module docstring)."""
+    ratio: float
     slots: int
 
     def __call__(self, row: Example) -> Example:
         row = dict(row)
-        where = np.flatnonzero(row.pop("predict"))
+        order, predict = order_and_predicted(row.pop("keys"), row["segment_ids"], self.ratio)
+        where = np.flatnonzero(predict)
         assert len(where) <= self.slots, (len(where), self.slots)
         positions = np.zeros(self.slots, np.int32)
         positions[:len(where)] = where
         weights = (np.arange(self.slots) < len(where)).astype(np.float32)
-        return {**row, "predict_positions": positions,
+        return {**row, "order": order, "predict_positions": positions,
                 "targets": np.where(weights > 0, row["inputs"][positions], 0).astype(np.int32),
                 "weights": weights}
 
 
-def plm_rows(examples: grain.IterDataset, seq_len: int, ratio: float, *,
+def plm_rows(pieces: grain.IterDataset, seq_len: int, ratio: float, *,
              packing_rows: bool) -> grain.IterDataset:
-    """Permuted examples -> rows of `seq_len` (packed several to a row, or padded) with their
-    prediction slots."""
-    streams = {"": (seq_len, ("inputs", "order", "predict"))}
-    rows = packing.fit_rows(examples, streams, packing=packing_rows)
-    return rows.map(_Slots(predict_slots(seq_len, ratio)))
+    """Keyed pieces -> rows of `seq_len` with their orders and prediction slots. Packing fills
+    rows completely, a document continuing in the next row (positions restarting, as for
+    clm); otherwise each piece is padded."""
+    streams = {"": (seq_len, ("inputs", "keys"))}
+    rows = packing.fit_rows(pieces, streams, packing=packing_rows, split=True)
+    return rows.map(_Orders(ratio, predict_slots(seq_len, ratio)))

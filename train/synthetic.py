@@ -132,14 +132,13 @@ def plm_batch(rows: int, length: int, vocab: int, seed: int) -> Batch:
     floor(length * PLM_RATIO) of it predicted (data/plm.py's layout, unpacked)."""
     rng = np.random.default_rng(seed)
     tokens = periodic(rng, rows, length, vocab)
-    examples = [plm.permuted(row, PLM_RATIO, rng, 0) for row in tokens]
-    slots = plm.predict_slots(length, PLM_RATIO)
     positions, segments = _unpacked(rows, length)
-    predict = np.stack([np.flatnonzero(e["predict"])[:slots] for e in examples]).astype(np.int32)
+    orders = [plm.order_and_predicted(rng.random(length), s, PLM_RATIO) for s in segments]
+    predict = np.stack([np.flatnonzero(p) for _, p in orders]).astype(np.int32)
     return {"inputs": tokens, "positions": positions, "segment_ids": segments,
-            "order": np.stack([e["order"] for e in examples]), "predict_positions": predict,
+            "order": np.stack([o for o, _ in orders]), "predict_positions": predict,
             "targets": np.take_along_axis(tokens, predict, 1),
-            "weights": np.ones((rows, slots), np.float32)}
+            "weights": np.ones(predict.shape, np.float32)}
 
 
 N_SYNTHETIC_LABELS = 4
