@@ -172,6 +172,25 @@ def test_sharded_step_matches_one_device():
     assert one[0]["tokens_per_prediction"] == pytest.approx(32 / 5)
 
 
+def test_flops_count_what_the_step_computes():
+    """The FLOPs hook (MFU) against XLA's count of the compiled train step, unrolled layers:
+    both streams, the query stream on the P predicted positions only."""
+    from train.perf import hlo
+    config = synthetic_config()
+    config.model.update(scan_layers=False, dropout=0.0)
+    config.opt.grad_accum = 1
+    config.mesh.update(data=1, fsdp=1, tensor=1)
+    setup = build(config, jax.devices()[:1])
+    with activate(setup.mesh, setup.rules):
+        state = state_lib.init(setup.model, setup.model_cfg, setup.tx, setup.state_shardings, 0)
+        batch = families.synthetic_batch(config, setup.batch_sharding)
+        compiled = setup.train_step().lower(state, batch).compile()
+    n = state_lib.param_count(state.params)
+    model = families.flops_per_token(setup.model_cfg, n, 32, families.decoder_length(config))
+    xla = hlo.stats(compiled)["hlo_gflops"] * 1e9 / (16 * 32)
+    assert model == pytest.approx(xla, rel=0.06), (model, xla)
+
+
 def train_losses(workdir):
     return {r["step"]: r["loss"] for r in read_metrics(workdir)
             if "split" not in r and "loss" in r}

@@ -118,15 +118,27 @@ def _encoder_decoder_flops(cfg: ModelConfig, n_params: int, seq_len: int,
 def _xlnet_flops(cfg: ModelConfig, n_params: int, seq_len: int,
                  query_len: int | None = None) -> float:
     """Per input token, with `query_len` query-stream positions per row (default: those of
-    data.plm.predict_ratio's default): the blocks work on both streams, T content + P query
-    positions, the output projection on the P predicted ones only, token lookups are free;
-    attention is T + P queries over T keys (the permutation masks do not skip any)."""
+    data.plm.predict_ratio's default). The query stream runs every block on P positions and
+    the output projection on them; the content stream runs every block on T positions, except
+    that only the last block's keys and values are ever read (its queries, output projection
+    and MLP feed nothing, and XLA drops them from an unrolled stack); token lookups are free.
+    Attention: P queries per block and T per block but the last, each over T keys (the
+    permutation masks skip none)."""
     t = seq_len
     p = predict_slots(t, synthetic.PLM_RATIO) if query_len is None else query_len
+    shapes = jax.eval_shape(lambda: build(cfg).init(jax.random.PRNGKey(0), *init_inputs(cfg)))
+    n_block = n_kv = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(shapes["params"])[0]:
+        names = jax.tree_util.keystr(path)
+        if "['layers" in names:
+            n_block += leaf.size
+            n_kv += leaf.size if "['key']" in names or "['value']" in names else 0
     table = cfg.vocab_size * cfg.d_model
-    n_blocks = n_params - table * (1 if cfg.tie_embeddings else 2)
-    matmuls = 6.0 * (n_blocks * (t + p) + table * p)
-    return (matmuls + _attention(cfg.n_layers, cfg, t) * (t + p)) / t
+    n_rest = n_params - n_block - table * (1 if cfg.tie_embeddings else 2)   # final norm, mask
+    last_unread = (n_block - n_kv) / cfg.n_layers
+    matmuls = 6.0 * ((n_block + n_rest) * p + table * p + (n_block - last_unread) * t)
+    attention = _attention(cfg.n_layers, cfg, t) * p + _attention(cfg.n_layers - 1, cfg, t) * t
+    return (matmuls + attention) / t
 
 
 # (module, tokens, positions, segment ids, type ids, train, **soft prompt) -> h_BxTxD
