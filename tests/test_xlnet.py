@@ -13,6 +13,7 @@ from configs.base import get_config
 from configs.loader import load
 from data import pipeline, plm
 from data.tokenizer import Tokenizer
+from errors import ConfigError, DataError
 from model.config import ModelConfig
 from model.sharding import activate
 from model.xlnet import XLNetLM, permutation_masks
@@ -231,3 +232,19 @@ def test_xlnet_base_has_the_published_size():
                                                              *families.init_inputs(cfg)))
     n = sum(x.size for x in jax.tree.leaves(shapes))
     assert abs(n - 110e6) / 110e6 < 0.02, n
+
+
+def test_bad_plm_settings_are_one_line_errors():
+    config = synthetic_config()
+    config.data.plm.predict_ratio = 1.0
+    with pytest.raises(DataError, match=r"data.plm.predict_ratio=1.0 must be in \(0, 1\)"):
+        validate(config)
+    config.data.plm.predict_ratio = 0.1
+    config.data.seq_len = 8
+    with pytest.raises(DataError, match="data.seq_len=8 x data.plm.predict_ratio=0.1 predicts "
+                                        "no token"):
+        validate(config)
+    config = synthetic_config()
+    config.model.family = "decoder"
+    with pytest.raises(ConfigError, match="train.objective='plm' trains a model.family='xlnet'"):
+        validate(config)
