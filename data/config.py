@@ -70,7 +70,7 @@ def check(data_cfg: Mapping[str, Any], objective: str) -> None:
             raise DataError(f"data.{key} must name a split, e.g. train or validation")
     _check_tokenizer(data_cfg["tokenizer"])
     target_length(data_cfg, objective)
-    if "plm" in data_cfg:   # .get-style: a checkpoint saved before data.plm existed restores
+    if "plm" in data_cfg:   # a config saved before data.plm existed still restores
         plm_cfg = plm.PlmConfig.from_mapping(data_cfg["plm"])
         if objective == "plm":
             plm_cfg.check_length(data_cfg["seq_len"])
