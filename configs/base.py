@@ -30,7 +30,7 @@ DEFAULT_RULES = (
 
 HELP = {
     "model.family": "decoder (causal LM) | encoder (BERT: MLM, NSP/SOP) | encoder_decoder (T5) "
-                    "| electra (generator + discriminator)",
+                    "| electra (generator + discriminator) | xlnet (two-stream permutation LM)",
     "model.vocab_size": "vocabulary size; 0 = take it from the tokenizer",
     "model.d_model": "residual stream width (D)",
     "model.n_heads": "query heads (H)",
@@ -113,6 +113,8 @@ HELP = {
                                "places (sentence permutation; 1 = all)",
     "data.noise.rotate_rate": "denoise: probability that a chunk is rotated to start at a "
                               "random token (document rotation)",
+    "data.plm.predict_ratio": "plm (XLNet): share of each factorisation order predicted, its "
+                              "last 1/K (K = 6: 1/6)",
     "data.eval_paths": "explicit evaluation files (globs) for source=task_files; empty = carve "
                        "validation from data.paths by hash (data.validation_percent)",
     "data.task.derived": "source=stdlib_task: docstring_package (classify) | token_types (tag) | "
@@ -150,6 +152,9 @@ HELP = {
     "train.objective": "clm (decoder) | mlm (encoder; + NSP/SOP given sentence pairs) | electra "
                        "(electra) | span_corruption, prefix_lm, denoise (encoder_decoder) | "
                        "tasks: classify, tag (any family), text2text (decoder, encoder_decoder)",
+                       "(electra) | span_corruption, prefix_lm (encoder_decoder) | plm "
+                       "(xlnet: permutation LM) | tasks: "
+                       "classify, tag (any family), text2text (decoder, encoder_decoder)",
     "train.z_loss": "coefficient of the log(Z)^2 auxiliary loss; 0 = off",
     "train.pair_weight": "mlm: weight (lambda) of the NSP/SOP loss added to the MLM loss",
     "train.discriminator_weight": "electra: weight (lambda) of the discriminator loss added to "
@@ -223,6 +228,7 @@ def get_config() -> ConfigDict:
         spans=ConfigDict(dict(noise_density=0.15, mean_length=3.0)),
         noise=ConfigDict(dict(mask_rate=0.0, delete_rate=0.0, infill_rate=0.3,
                               infill_lambda=3.0, permute_rate=1.0, rotate_rate=0.0)),
+        plm=ConfigDict(dict(predict_ratio=1 / 6)),   # XLNet permutation LM (data/plm.py)
         task=ConfigDict(dict(derived="docstring_package", labels=(), layout="auto")),
         tokenizer=ConfigDict(dict(path="", vocab_size=8192, model_type="unigram",
                                   sample_chars=5_000_000, character_coverage=0.9995,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from configs.loader import flat_items, number_problem
-from data import derived, masking, mixture, noise, span_corruption, tasks, tokenizer
+from data import derived, masking, mixture, noise, plm, span_corruption, tasks, tokenizer
 from data.cleaning import CleanConfig
 from errors import DataError
 
@@ -77,6 +77,10 @@ def check(data_cfg: Mapping[str, Any], objective: str) -> None:
             raise DataError(f"data.{key} must name a split, e.g. train or validation")
     _check_tokenizer(data_cfg["tokenizer"])
     target_length(data_cfg, objective)
+    if "plm" in data_cfg:   # a config saved before data.plm existed still restores
+        plm_cfg = plm.PlmConfig.from_mapping(data_cfg["plm"])
+        if objective == "plm":
+            plm_cfg.check_length(data_cfg["seq_len"])
     _check_task(data_cfg, objective)
 
 

@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding
 
 from data import builder as builder_lib
 from data import config as data_config
-from data import masking, mixture, noise, packing, shuffling, span_corruption, tasks
+from data import masking, mixture, noise, packing, plm, shuffling, span_corruption, tasks
 from data import tokenizer as tokenizer_lib
 from data.cleaning import CleanConfig
 from data.interleave import InterleaveExamples
@@ -134,6 +134,11 @@ def _denoise_rows(docs, partners, tokenizer, data_cfg, cycle_length):
     return span_corruption.encoder_decoder_rows(
         InterleaveExamples(docs, make, cycle_length), seq_len, target_len,
         packing_rows=data_cfg["packing"])
+def _plm_rows(docs, partners, tokenizer, data_cfg, cycle_length):
+    cfg, seq_len = plm.PlmConfig.from_mapping(data_cfg["plm"]), data_cfg["seq_len"]
+    make = plm.PlmExamples(tokenizer, seq_len)
+    return plm.plm_rows(InterleaveExamples(docs, make, cycle_length), seq_len,
+                        cfg.predict_ratio, packing_rows=data_cfg["packing"])
 
 
 def _task_rows(task):
@@ -150,6 +155,7 @@ ROWS: dict[str, Callable[..., grain.IterDataset]] = {
     "span_corruption": _span_corruption_rows,
     "prefix_lm": _prefix_lm_rows,
     "denoise": _denoise_rows,       # BART: noised text in, the text out (data/noise.py)
+    "plm": _plm_rows,         # XLNet: factorisation orders and prediction slots (data/plm.py)
     **{task: _task_rows(task) for task in tasks.TASKS},   # labelled tasks: one example a row
 }
 

@@ -11,8 +11,9 @@ from configs.loader import number_problem
 from errors import ModelConfigError
 
 # decoder: causal LM; encoder: BERT-style bidirectional LM with MLM and sentence-pair heads;
-# encoder_decoder: T5-style seq2seq; electra: a small generator and an encoder discriminator.
-FAMILIES = ("decoder", "encoder", "encoder_decoder", "electra")
+# encoder_decoder: T5-style seq2seq; electra: a small generator and an encoder discriminator;
+# xlnet: two-stream permutation LM (model/xlnet.py).
+FAMILIES = ("decoder", "encoder", "encoder_decoder", "electra", "xlnet")
 CHOICES = {
     "mlp": ("swiglu", "gelu"),
     "norm": ("rmsnorm", "layernorm"),

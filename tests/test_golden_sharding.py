@@ -25,6 +25,7 @@ MODELS = {
     "electra": dict(family="electra", **BERT, d_model=64, n_heads=8, n_kv_heads=0, d_ff=128,
                     generator_scale=0.25),
     "encoder_decoder": dict(family="encoder_decoder", n_decoder_layers=2, tie_embeddings=False),
+    "xlnet": dict(family="xlnet", mlp="gelu", norm="layernorm", use_bias=True),   # xlnet_tiny
 }
 
 # The blocks of one stack (scanned: leading "layers" axis, never sharded).
@@ -117,6 +118,11 @@ GOLDEN = {
         **under("['encoder']", SWIGLU_BLOCK),
         **under("['decoder']", {**SWIGLU_BLOCK, **CROSS_ATTENTION}),
         "['lm_head']['kernel']": P("fsdp", "tensor"),                   # embed x vocab
+    },
+    "xlnet": {   # one block serves both streams; the query stream starts from mask_emb
+        "['embed']['embedding']": P("tensor", "fsdp"),
+        **ENCODER_BLOCK,
+        "['mask_emb']": P("fsdp"),
     },
 }
 

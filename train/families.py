@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
+from data.plm import predict_slots
 from errors import ConfigError
 from model.config import FAMILIES as MODEL_FAMILIES, ModelConfig
 from model.decoder import DecoderLM
@@ -31,6 +32,7 @@ from model.electra import ElectraLM
 from model.encoder import EncoderLM
 from model.encoder_decoder import EncoderDecoderLM
 from model.heads import TaskModel
+from model.xlnet import XLNetLM
 from train import objectives as losses, synthetic
 from train.decoding import steppers
 from train.hf import bert as hf_bert, decoder as hf_decoder
@@ -115,6 +117,32 @@ def _encoder_decoder_flops(cfg: ModelConfig, n_params: int, seq_len: int,
     return (matmuls + attention) / t
 
 
+def _xlnet_flops(cfg: ModelConfig, n_params: int, seq_len: int,
+                 query_len: int | None = None) -> float:
+    """Per input token, with `query_len` query-stream positions per row (default: those of
+    data.plm.predict_ratio's default). The query stream runs every block on P positions and
+    the output projection on them; the content stream runs every block on T positions, except
+    that only the last block's keys and values are ever read (its queries, output projection
+    and MLP feed nothing, and XLA drops them from an unrolled stack); token lookups are free.
+    Attention: P queries per block and T per block but the last, each over T keys (the
+    permutation masks skip none)."""
+    t = seq_len
+    p = predict_slots(t, synthetic.PLM_RATIO) if query_len is None else query_len
+    shapes = jax.eval_shape(lambda: build(cfg).init(jax.random.PRNGKey(0), *init_inputs(cfg)))
+    n_block = n_kv = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(shapes["params"])[0]:
+        names = jax.tree_util.keystr(path)
+        if "['layers" in names:
+            n_block += leaf.size
+            n_kv += leaf.size if "['key']" in names or "['value']" in names else 0
+    table = cfg.vocab_size * cfg.d_model
+    n_rest = n_params - n_block - table * (1 if cfg.tie_embeddings else 2)   # final norm, mask
+    last_unread = (n_block - n_kv) / cfg.n_layers
+    matmuls = 6.0 * ((n_block + n_rest) * p + table * p + (n_block - last_unread) * t)
+    attention = _attention(cfg.n_layers, cfg, t) * p + _attention(cfg.n_layers - 1, cfg, t) * t
+    return (matmuls + attention) / t
+
+
 # (module, tokens, positions, segment ids, type ids, train, **soft prompt) -> h_BxTxD
 def _decoder_features(m, tokens, positions, segments, types, train, **prompt):
     return m(tokens, positions, segments, train=train, hidden=True, **prompt)
@@ -139,6 +167,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("encoder_decoder", EncoderDecoderLM, n_inputs=2, flops=_encoder_decoder_flops,
            prompting="encode", stepper=steppers.encoder_decoder_stepper,
            features=_t5_features, pooling="mean", task_layout="seq2seq"),
+    # XLNet: pretraining only (no task head, no decoding), see model/xlnet.py
+    Family("xlnet", XLNetLM, n_inputs=1, flops=_xlnet_flops),
 )}
 assert set(FAMILIES) == set(MODEL_FAMILIES), "every model family needs a Family record"
 
@@ -158,6 +188,9 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     # BART: noised text in, the text out (data/noise.py); decoder length data.target_len or T
     Objective("denoise", "encoder_decoder", losses.seq2seq, synthetic.denoise_batch,
               decoder_length=lambda t: t),
+    # decoder_length: XLNet's query stream, P of T positions (synthetic batches: K = 6)
+    Objective("plm", "xlnet", losses.plm, synthetic.plm_batch,
+              decoder_length=lambda t: predict_slots(t, synthetic.PLM_RATIO)),
 )}
 
 

@@ -14,6 +14,10 @@ Batch layouts (data/pipeline.py produces them; int32 unless noted, B rows):
   span_corruption, encoder_inputs, encoder_positions, encoder_segment_ids [B,T];
   prefix_lm,       decoder_inputs, decoder_targets, decoder_positions, decoder_segment_ids [B,S];
   denoise          decoder_weights [B,S] float32
+  plm              inputs (the text, unmasked), order (rank of each token in its segment's
+                   factorisation order), positions, segment_ids [B,T]; predict_positions (where
+                   the P prediction slots point), targets [B,P]; weights [B,P] float32 (0 for an
+                   unused slot)
   classify, tag,    one example a row (see data/tasks.py): inputs, positions, segment_ids,
   text2text        type_ids [B,T] with labels [B] + label_weights [B], or tags [B,T] +
                    tag_weights [B,T]; text2text rows are clm's or span_corruption's layout
@@ -157,6 +161,19 @@ def seq2seq(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng: 
                                z_loss)
 
 
+def plm(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng: jax.Array,
+        train: bool, z_loss: float = 0.0) -> tuple[jax.Array, Sums]:
+    """XLNet permutation LM: cross entropy of the predicted tokens (the last 1/K of each
+    factorisation order) from the query stream; "tokens_per_prediction" is the real tokens of
+    the batch over the predicted ones (about K)."""
+    logits_BxPxV = model.apply({"params": params}, batch["inputs"], batch["positions"],
+                               batch["segment_ids"], batch["order"], batch["predict_positions"],
+                               train=train, rngs={"dropout": rng})
+    total, sums = token_cross_entropy(logits_BxPxV, batch["targets"], batch["weights"], z_loss)
+    sums["tokens_per_prediction"] = jnp.sum(batch["segment_ids"] != 0).astype(jnp.float32)
+    return total, sums
+
+
 def classify(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng: jax.Array,
              train: bool, z_loss: float = 0.0) -> tuple[jax.Array, Sums]:
     """Sequence classification (data/tasks.py rows): cross entropy of `labels` over the rows
@@ -189,4 +206,5 @@ def text2text(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng
 OBJECTIVES: dict[str, Objective] = {"clm": clm, "mlm": mlm, "electra": electra,
                                     "span_corruption": seq2seq, "prefix_lm": seq2seq,
                                     "denoise": seq2seq,
+                                    "plm": plm,
                                     "classify": classify, "tag": tag, "text2text": text2text}

@@ -12,12 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data import plm
 from data.tokenizer import BOS, EOS
 
 MASK, CLS, SEP = 5, 6, 7
 FIRST_TOKEN = 16
 PERIOD = 4
 SPAN_LENGTH, NOISE_DENSITY = 3, 0.15   # T5's mean span length and corruption rate
+PLM_RATIO = 1 / 6                      # XLNet's partial prediction, K = 6
 Batch = dict[str, np.ndarray]
 
 
@@ -133,6 +135,20 @@ def _seq2seq(encoder_BxT: np.ndarray, targets_BxS: np.ndarray) -> Batch:
             "decoder_targets": targets_BxS, "decoder_positions": dec_positions,
             "decoder_segment_ids": dec_segments,
             "decoder_weights": np.ones((rows, decoder_length), np.float32)}
+
+
+def plm_batch(rows: int, length: int, vocab: int, seed: int) -> Batch:
+    """XLNet rows: periodic text, one random factorisation order per row, the last
+    floor(length * PLM_RATIO) of it predicted (data/plm.py's layout, unpacked)."""
+    rng = np.random.default_rng(seed)
+    tokens = periodic(rng, rows, length, vocab)
+    positions, segments = _unpacked(rows, length)
+    orders = [plm.order_and_predicted(rng.random(length), s, PLM_RATIO) for s in segments]
+    predict = np.stack([np.flatnonzero(p) for _, p in orders]).astype(np.int32)
+    return {"inputs": tokens, "positions": positions, "segment_ids": segments,
+            "order": np.stack([o for o, _ in orders]), "predict_positions": predict,
+            "targets": np.take_along_axis(tokens, predict, 1),
+            "weights": np.ones(predict.shape, np.float32)}
 
 
 N_SYNTHETIC_LABELS = 4
