@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from model.attention import Attention
 from model.config import ModelConfig
 from model.encoder import EncoderStack, default_positions
+from model.relative import RelativeBias
 from model.layers import (Mlp, PositionEmbedding, constrain, dense, norm, prepend_prompt, stack,
                           token_embedding)
 
@@ -31,11 +32,13 @@ class CrossDecoderBlock(nn.Module):
     @nn.compact
     def __call__(self, x_BxSxD: jax.Array, positions_BxS: jax.Array,
                  segment_ids_BxS: jax.Array | None, encoded_BxTxD: jax.Array | None,
-                 encoder_segment_ids_BxT: jax.Array | None) -> tuple[jax.Array, None]:
+                 encoder_segment_ids_BxT: jax.Array | None,
+                 bias_BxNxSxS: jax.Array | None = None) -> tuple[jax.Array, None]:
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
         h_BxSxD = Attention(cfg, self.out_std, causal=True, decode=self.decode, name="attn")(
-            norm(cfg, "attn_norm")(x_BxSxD), positions_BxS, segment_ids_BxS)
+            norm(cfg, "attn_norm")(x_BxSxD), positions_BxS, segment_ids_BxS,
+            bias_BxNxTxS=bias_BxNxSxS)
         x_BxSxD = x_BxSxD + drop(h_BxSxD)
         h_BxSxD = Attention(cfg, self.out_std, cross=True, decode=self.decode, name="cross_attn")(
             norm(cfg, "cross_norm")(x_BxSxD), positions_BxS, segment_ids_BxS, encoded_BxTxD,
@@ -57,9 +60,13 @@ class DecoderStack(nn.Module):
                  encoder_segment_ids_BxT: jax.Array | None, *, train: bool = False) -> jax.Array:
         cfg = self.cfg
         n = cfg.decoder_layers
+        # T5: one causal relative position bias for the self-attention of every layer (in decode
+        # mode against every cached key); cross-attention has none
+        bias = (RelativeBias(cfg, bidirectional=False, decode=self.decode, name="pos")(
+            positions_BxS),) if cfg.pos == "relative_bias" else ()
         # GPT-2 style: output projections into the residual stream shrink with depth
         x_BxSxD = stack(cfg, CrossDecoderBlock, n, x_BxSxD, positions_BxS, segment_ids_BxS,
-                        encoded_BxTxD, encoder_segment_ids_BxT,
+                        encoded_BxTxD, encoder_segment_ids_BxT, *bias,
                         out_std=cfg.init_std / math.sqrt(3 * n), decode=self.decode,
                         deterministic=not train)
         return constrain(norm(cfg, "final_norm")(x_BxSxD), ("batch", "seq", "act_embed"))
@@ -116,6 +123,8 @@ class EncoderDecoderLM(nn.Module):
         h_BxSxD = self.decoder(self._embed(tokens_BxS, positions_BxS, train), positions_BxS,
                                segment_ids_BxS, encoded_BxTxD, encoder_segment_ids_BxT,
                                train=train)
+        if self.cfg.scale_decoder_output:   # T5 1.0 (with its tied embeddings)
+            h_BxSxD = h_BxSxD * jnp.asarray(self.cfg.d_model ** -0.5, h_BxSxD.dtype)
         if self.cfg.tie_embeddings:
             logits_BxSxV = self.embed.attend(h_BxSxD)
         else:

@@ -32,7 +32,7 @@ from model.encoder_decoder import EncoderDecoderLM
 from model.heads import TaskModel
 from train import objectives as losses, synthetic
 from train.decoding import steppers
-from train.hf import bert as hf_bert, decoder as hf_decoder
+from train.hf import bert as hf_bert, decoder as hf_decoder, t5 as hf_t5
 from train.hf.layout import Layout
 
 # How a family writes text: "continue" a prompt ([BOS] + prompt, decoder-only), "encode" it
@@ -136,7 +136,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            features=_encoder_features, pooling="first", task_layout="cls"),
     Family("encoder_decoder", EncoderDecoderLM, n_inputs=2, flops=_encoder_decoder_flops,
            prompting="encode", stepper=steppers.encoder_decoder_stepper,
-           features=_t5_features, pooling="mean", task_layout="seq2seq"),
+           hf_layouts=(hf_t5.T5,), features=_t5_features, pooling="mean", task_layout="seq2seq"),
 )}
 assert set(FAMILIES) == set(MODEL_FAMILIES), "every model family needs a Family record"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import numpy as np
 from flax import traverse_util
@@ -91,7 +91,9 @@ class Layout:
     model's prefix of tensor names (`model.`), which checkpoints saved from the base model lack,
     `heads` the prefixes of tensors outside it, `renames` regex substitutions from older names.
     `ignored` matches Hugging Face tensors that are buffers, not parameters (precomputed masks
-    and frequencies) or a tied output layer stored twice, skipped on import.
+    and frequencies) or a tied output layer stored twice, skipped on import. `tensor_keys`
+    (names of the checkpoint's tensors) -> model keys that follow from which tensors it holds
+    rather than from config.json (T5: an `lm_head.weight` of its own means untied).
     """
     name: str
     model_type: str
@@ -107,6 +109,7 @@ class Layout:
     heads: tuple[str, ...] = ("lm_head.",)
     renames: tuple[tuple[str, str], ...] = ()
     ignored: str = r"$^"
+    tensor_keys: Callable[[Collection[str]], dict[str, Any]] | None = None
 
     def canonical(self, name: str) -> str:
         """A tensor name as the task model (`...ForCausalLM`) stores it."""
