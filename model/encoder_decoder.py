@@ -5,6 +5,11 @@ to the encoder output, sharing one token embedding (and the position table, when
 many). For generation, `encode` runs once and `decoder_logits` runs the decoder alone; in
 decode mode the decoder's self-attention keys/values and the projected encoder output are kept
 in the "cache" collection (`init_cache`), so each step costs one token of decoder work.
+
+T5 as published is this model with `model.pos="relative_bias"` (model/relative.py: one bias
+table per stack), RMS norms, no biases, `qk_scale=False`, a geglu (v1.1) or relu (1.0) MLP and an
+untied output (v1.1) or a tied one after `scale_decoder_output` (1.0); train/hf/t5.py maps it
+to Hugging Face's T5ForConditionalGeneration.
 """
 from __future__ import annotations
 

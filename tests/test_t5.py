@@ -3,6 +3,7 @@ T5ForConditionalGeneration computes Loom's logits from the exported files and Lo
 transformers' from a checkpoint it saved (which then trains on), cached decoding with the bias
 equals the full forward pass, a sharded step equals one device's, a resumed run repeats an
 uninterrupted one, and the v1.1 presets have the published sizes. Nothing is downloaded."""
+import copy
 import dataclasses
 import math
 import os
@@ -96,7 +97,7 @@ def test_exported_t5_gives_loom_logits_and_imports_back(shape, scan, config, tmp
     enc, mask, dec = inputs()
     ours, theirs = loom_logits(cfg, params, enc, mask, dec), hf_logits(hf_model, enc, mask, dec)
     np.testing.assert_allclose(ours, theirs, **TOLERANCE)
-    assert ours.std() > 0.1
+    assert ours.std() > 0.03    # (T5 1.0 scales the decoder output by 32^-0.5)
     print(f"t5 {'tied' if cfg.tie_embeddings else 'untied'} export: max |logits diff| "
           f"{np.abs(ours - theirs).max():.2e}")
     # transformers' cached generation follows Loom's: the bias against every cached key
@@ -172,12 +173,13 @@ def _steps(config, devices, n=2):
 
 
 def test_t5_trains_on_real_text_sharded_as_on_one_device_and_resumes_exactly(config, tmp_path):
-    config = t5_config(config, scan_layers=True, dropout=0.1)
-    config.train.update(steps=8, log_every=1)
-    config.ckpt.update(every=4)
+    config = t5_config(config, scan_layers=True, dropout=0.1, n_layers=1, n_decoder_layers=1)
+    config.train.update(steps=6, log_every=1)
+    config.ckpt.update(every=3)
+    config.eval.update(steps=1)
     config.mesh.update(data=2, fsdp=2, tensor=2)
     many, params_many = _steps(config, jax.devices())
-    one_config = t5_config(config)
+    one_config = copy.deepcopy(config)
     one_config.mesh.update(data=1, fsdp=1, tensor=1)
     one, params_one = _steps(one_config, jax.devices()[:1])
     np.testing.assert_allclose(many, one, rtol=1e-5)
@@ -185,15 +187,15 @@ def test_t5_trains_on_real_text_sharded_as_on_one_device_and_resumes_exactly(con
                  params_many)
 
     train(config, tmp_path / "straight", progress=False)
-    train(config, tmp_path / "resumed", progress=False, stop_after=4)
+    train(config, tmp_path / "resumed", progress=False, stop_after=3)
     train(config, tmp_path / "resumed", progress=False)
 
     def losses(workdir):
         return {r["step"]: r["loss"] for r in read_metrics(workdir)
                 if "split" not in r and "loss" in r}
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
-    assert straight == resumed and sorted(straight) == list(range(1, 9))
-    assert straight[8] < straight[1] - 0.5, straight
+    assert straight == resumed and sorted(straight) == list(range(1, 7))   # exact floats
+    assert straight[6] < straight[1] - 0.5, straight
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_M))

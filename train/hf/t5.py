@@ -60,10 +60,11 @@ def _mlp(cfg: ModelConfig, loom: str, hf: str) -> list[Tensor]:
 
 
 def _shared_output() -> Tensor:
-    """A tied model without the scale: the embedding is also written as `lm_head.weight`."""
+    """A tied model without the scale: the embedding is also written as `lm_head.weight`
+    (a checkpoint transformers 5 saved from such a model has `shared.weight` alone)."""
     return Tensor(("embed/embedding",), ("shared.weight", "lm_head.weight"),
-                  lambda xs: [xs[0], xs[0]],
-                  lambda ws, shapes: [ws[0].reshape(shapes[0])])
+                  lambda xs: [xs[0], xs[0]], lambda ws, shapes: [ws[0].reshape(shapes[0])],
+                  optional=("lm_head.weight",))
 
 
 def _tensors(cfg: ModelConfig) -> list[Tensor]:
