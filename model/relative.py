@@ -25,6 +25,7 @@ import numpy as np
 from jax import lax
 
 from model.config import ModelConfig
+from model.layers import constrain
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,7 +84,9 @@ class RelativeBias(nn.Module):
         buckets_BxTxS = relative_buckets(relative_BxTxS, self.bidirectional, cfg.rel_buckets,
                                          cfg.rel_max_distance)
         bias_BxTxSxN = jnp.take(table_RxN.astype(cfg.compute_dtype), buckets_BxTxS, axis=0)
-        return jnp.transpose(bias_BxTxSxN, (0, 3, 1, 2))
+        # laid out like the attention logits it is added to (rows, heads, query blocks)
+        return constrain(jnp.transpose(bias_BxTxSxN, (0, 3, 1, 2)),
+                         ("batch", "act_heads", "seq", None))
 
     def _cached(self, positions_BxT: jax.Array) -> jax.Array:
         """Writes this chunk's positions at the cache index; returns every slot's position."""
