@@ -38,10 +38,11 @@ HELP = {
     "model.head_dim": "per-head width (K); 0 = d_model // n_heads",
     "model.n_layers": "transformer blocks",
     "model.d_ff": "MLP hidden width (F)",
-    "model.mlp": "swiglu | gelu",
+    "model.mlp": "swiglu | gelu | geglu (T5 v1.1 gated-gelu: gelu(x W0) * x W1) | relu (T5 1.0)",
     "model.norm": "rmsnorm | layernorm (pre-norm blocks unless model.post_norm)",
     "model.norm_eps": "epsilon of the norms",
-    "model.pos": "rope | learned | sinusoidal",
+    "model.pos": "rope | learned | sinusoidal | relative_bias (encoder_decoder: T5's bucketed "
+                 "relative position bias, one table per stack shared by its layers)",
     "model.rope_theta": "RoPE base frequency",
     "model.max_len": "longest sequence the position scheme supports",
     "model.tie_embeddings": "share the input embedding with the output projection",
@@ -64,6 +65,14 @@ HELP = {
                               "0 = n_layers",
     "model.generator_scale": "electra: generator d_model/heads/d_ff as a fraction of the "
                              "discriminator's (paper: 1/4 to 1/2)",
+    # T5 as published (model/relative.py)
+    "model.rel_buckets": "relative_bias: buckets of relative distance (T5: 32)",
+    "model.rel_max_distance": "relative_bias: distance from which all offsets share the last "
+                              "bucket (T5: 128)",
+    "model.qk_scale": "divide attention logits by sqrt(head size); False = T5 (the factor is "
+                      "folded into the query's init)",
+    "model.scale_decoder_output": "encoder_decoder: multiply the decoder output by "
+                                  "d_model^-0.5 before the output projection (T5 1.0, tied)",
     "data.source": "python_stdlib (offline corpus) | text_files (data.paths) | tfds "
                    "(data.tfds_name) | task_files (labelled JSONL/CoNLL, data.paths) | stdlib_task "
                    "(data.task.derived)",
@@ -216,6 +225,8 @@ def get_config() -> ConfigDict:
         n_decoder_layers=0, generator_scale=0.25,
         cudnn_segments="lengths",
     ))
+    c.model.update(rel_buckets=32, rel_max_distance=128, qk_scale=True,   # T5 (model/relative.py)
+                   scale_decoder_output=False)
     c.data = ConfigDict(dict(
         source="python_stdlib", paths=(), tfds_name="", text_field="text", mixture=(),
         data_dir="", train_split="train", eval_split="validation", validation_percent=2.0,

@@ -1,6 +1,9 @@
 """A T5-style encoder-decoder for a laptop CPU: span corruption on the Python standard library
 (--config.train.objective=prefix_lm for prefix LM). Pre-norm RMSNorm blocks, gated MLP, RoPE
-self-attention, shared input/output embedding."""
+self-attention, shared input/output embedding. T5 as published (relative position bias, gated
+GELU, unscaled logits, untied output; what configs/t5_base.py sets) at this size:
+--config.model.pos=relative_bias --config.model.mlp=geglu --config.model.qk_scale=false
+--config.model.tie_embeddings=false"""
 from configs.base import get_config as base
 
 

@@ -21,14 +21,18 @@ def segment_mask(q_segments_BxT: jax.Array, kv_segments_BxS: jax.Array) -> jax.A
 
 
 def xla_attention(q_BxTxNxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
-                  mask: jax.Array | None, is_causal: bool) -> jax.Array:
+                  mask: jax.Array | None, is_causal: bool, bias_BxNxTxS: jax.Array | None = None,
+                  scale: float | None = None) -> jax.Array:
     """Softmax attention as plain einsums, the softmax in float32; what
     `jax.nn.dot_product_attention(implementation="xla")` computes, with less memory traffic: the
-    scale is applied to the queries (not the B x N x T x S logits), the causal mask is a
-    constant, and heads keep four dimensions unless KV heads are grouped."""
+    scale (default K^-0.5) is applied to the queries (not the B x N x T x S logits), the causal
+    mask is a constant, and heads keep four dimensions unless KV heads are grouped. `bias`
+    (T5's relative positions) is added to the logits before the mask."""
     B, T, N, K = q_BxTxNxK.shape
     S, G = k_BxSxGxK.shape[1], k_BxSxGxK.shape[2]
-    q_BxTxNxK = q_BxTxNxK * jnp.asarray(K ** -0.5, q_BxTxNxK.dtype)
+    scale = K ** -0.5 if scale is None else scale
+    if scale != 1.0:
+        q_BxTxNxK = q_BxTxNxK * jnp.asarray(scale, q_BxTxNxK.dtype)
     if is_causal:
         causal_TxS = jnp.tril(jnp.ones((T, S), bool))[None, None]
         mask = causal_TxS if mask is None else mask & causal_TxS
@@ -40,6 +44,10 @@ def xla_attention(q_BxTxNxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Arr
         logits = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK,
                             preferred_element_type=jnp.float32)
         mask = None if mask is None else mask[:, :, None]
+        if bias_BxNxTxS is not None:
+            bias_BxNxTxS = bias_BxNxTxS.reshape(B, G, N // G, T, S)
+    if bias_BxNxTxS is not None:
+        logits = logits + bias_BxNxTxS.astype(jnp.float32)
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxGxK.dtype)
@@ -65,7 +73,8 @@ def packed_lengths(segment_ids_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def cudnn_packed_attention(q_BxTxNxK: jax.Array, k_BxTxGxK: jax.Array, v_BxTxGxK: jax.Array,
-                           segment_ids_BxT: jax.Array, is_causal: bool) -> jax.Array:
+                           segment_ids_BxT: jax.Array, is_causal: bool,
+                           scale: float | None = None) -> jax.Array:
     """cuDNN flash attention over packed segments from their lengths and offsets, not a dense
     B x T x T mask (jax.nn.dot_product_attention takes only one length per row). Needs a GPU."""
     from jax._src.cudnn import fused_attention_stablehlo as cudnn  # GPU only: no public API yet
@@ -73,7 +82,8 @@ def cudnn_packed_attention(q_BxTxNxK: jax.Array, k_BxTxGxK: jax.Array, v_BxTxGxK
     mask_type = cudnn.MaskType.PADDING_CAUSAL if is_causal else cudnn.MaskType.PADDING
     out_BxTxNxK = cudnn.dot_product_attention(
         q_BxTxNxK, k_BxTxGxK, v_BxTxGxK, None, None, lengths_BxM, lengths_BxM, offsets_BxM1,
-        offsets_BxM1, scale=q_BxTxNxK.shape[-1] ** -0.5, mask_type=mask_type)
+        offsets_BxM1, scale=q_BxTxNxK.shape[-1] ** -0.5 if scale is None else scale,
+        mask_type=mask_type)
     # padding tokens lie in no segment, and cuDNN leaves their rows undefined
     return jnp.where((segment_ids_BxT != 0)[:, :, None, None], out_BxTxNxK, 0)
 
@@ -94,6 +104,8 @@ def gather_length(kv_BxSxGxK: jax.Array) -> jax.Array:
 def attention_impl(cfg: ModelConfig, decode: bool) -> str:
     if cfg.attention != "auto":
         return cfg.attention
+    if cfg.pos == "relative_bias":   # a learned bias: the xla kernel (see ModelConfig)
+        return "xla"
     on_gpu = jax.default_backend() == "gpu"
     fast_dtype = cfg.dtype in ("bfloat16", "float16")
     return "cudnn" if on_gpu and fast_dtype and not decode else "xla"
@@ -119,10 +131,14 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
                  segment_ids_BxT: jax.Array | None, kv_BxSxD: jax.Array | None = None,
-                 kv_segment_ids_BxS: jax.Array | None = None) -> jax.Array:
+                 kv_segment_ids_BxS: jax.Array | None = None,
+                 bias_BxNxTxS: jax.Array | None = None) -> jax.Array:
+        """`bias_BxNxTxS`: added to the logits (model/relative.py, T5's relative positions)."""
         cfg = self.cfg
+        # T5 (model.qk_scale=False) does not scale the logits; its query init carries the factor
+        q_std = None if cfg.qk_scale else cfg.init_std * cfg.head_size ** -0.5
         q_BxTxNxK = dense(cfg, (cfg.n_heads, cfg.head_size), ("embed", "heads", "head_dim"),
-                          name="query")(x_BxTxD)
+                          std=q_std, name="query")(x_BxTxD)
         q_BxTxNxK = constrain(q_BxTxNxK, ("batch", "seq", "act_heads", "head_dim"))
         is_causal, packed = False, None
         if self.cross:
@@ -146,14 +162,16 @@ class Attention(nn.Module):
 
         k_BxSxGxK, v_BxSxGxK = gather_length(k_BxSxGxK), gather_length(v_BxSxGxK)
         impl = attention_impl(cfg, self.decode)
+        scale = cfg.head_size ** -0.5 if cfg.qk_scale else 1.0
         if impl == "xla":
-            out_BxTxNxK = xla_attention(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask, is_causal)
+            out_BxTxNxK = xla_attention(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask, is_causal,
+                                        bias_BxNxTxS, scale)
         elif packed is not None and cfg.cudnn_segments == "lengths":
             out_BxTxNxK = cudnn_packed_attention(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, packed,
-                                                 is_causal)
+                                                 is_causal, scale)
         else:
             out_BxTxNxK = jax.nn.dot_product_attention(
-                q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask=mask, is_causal=is_causal,
+                q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask=mask, is_causal=is_causal, scale=scale,
                 implementation=impl)
         out_BxTxNxK = constrain(out_BxTxNxK, ("batch", "seq", "act_heads", "head_dim"))
         out_BxTxD = dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), axis=(-2, -1),

@@ -15,9 +15,9 @@ from errors import ModelConfigError
 # xlnet: two-stream permutation LM (model/xlnet.py).
 FAMILIES = ("decoder", "encoder", "encoder_decoder", "electra", "xlnet")
 CHOICES = {
-    "mlp": ("swiglu", "gelu"),
+    "mlp": ("swiglu", "gelu", "geglu", "relu"),
     "norm": ("rmsnorm", "layernorm"),
-    "pos": ("rope", "learned", "sinusoidal"),
+    "pos": ("rope", "learned", "sinusoidal", "relative_bias"),
     "remat": ("none", "full", "dots", "minimal"),
     "attention": ("auto", "xla", "cudnn"),
     "cudnn_segments": ("lengths", "mask"),
@@ -58,6 +58,12 @@ class ModelConfig:
     post_norm: bool  # post-LN blocks, norm(x + f(x)) (BERT, the original Transformer)
     n_decoder_layers: int  # encoder_decoder: decoder blocks (n_layers: encoder); 0 = same
     generator_scale: float  # electra: generator width / discriminator width
+    # T5 as published (encoder_decoder): pos="relative_bias" buckets, no 1/sqrt(K) logit scale,
+    # T5 1.0's d_model^-0.5 on the decoder output before a tied projection
+    rel_buckets: int
+    rel_max_distance: int
+    qk_scale: bool
+    scale_decoder_output: bool
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -99,8 +105,33 @@ class ModelConfig:
         if not 0.0 < self.generator_scale <= 1.0:
             raise ModelConfigError(f"model.generator_scale must be in (0, 1], got "
                                    f"{self.generator_scale}")
+        self._check_t5()
         if self.family == "electra":
             self.generator_config()  # the scaled generator must be a valid model too
+
+    def _check_t5(self) -> None:
+        if self.rel_buckets < 2 or self.rel_max_distance < 2:
+            raise ModelConfigError(f"model.rel_buckets={self.rel_buckets} and model."
+                                   f"rel_max_distance={self.rel_max_distance} must be >= 2")
+        if self.rel_max_distance < self.rel_buckets // 2:
+            raise ModelConfigError(
+                f"model.rel_max_distance={self.rel_max_distance} must be >= model.rel_buckets // 2"
+                f" = {self.rel_buckets // 2} (half the buckets are exact offsets 0..buckets/4)")
+        for key, on in (("pos", self.pos == "relative_bias"),
+                        ("scale_decoder_output", self.scale_decoder_output)):
+            if on and self.family != "encoder_decoder":
+                raise ModelConfigError(
+                    f"model.{key}={getattr(self, key)!r} is T5's, for model.family="
+                    f"'encoder_decoder', not {self.family!r}")
+        if self.pos == "relative_bias" and self.attention == "cudnn":
+            raise ModelConfigError("model.pos='relative_bias' runs on the xla attention kernel "
+                                   "(a learned B x N x T x S bias; the cuDNN path with it is "
+                                   "untested); set model.attention=auto or xla")
+
+    @property
+    def unbounded_positions(self) -> bool:
+        """Positions without a table (RoPE, relative buckets): any length fits."""
+        return self.pos in ("rope", "relative_bias")
 
     @property
     def decoder_layers(self) -> int:

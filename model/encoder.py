@@ -10,6 +10,8 @@ model/encoder_decoder.py.
 """
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 from model.attention import Attention
 from model.config import ModelConfig
 from model.decoder import residual_std
+from model.relative import RelativeBias
 from model.layers import (Mlp, PositionEmbedding, constrain, dense, norm, prepend_prompt, stack,
                           token_embedding)
 
@@ -33,10 +36,12 @@ class EncoderBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
-                 segment_ids_BxT: jax.Array | None) -> tuple[jax.Array, None]:
+                 segment_ids_BxT: jax.Array | None, bias_BxNxTxS: jax.Array | None = None
+                 ) -> tuple[jax.Array, None]:
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-        attn = Attention(cfg, residual_std(cfg), causal=False, name="attn")
+        attn = functools.partial(Attention(cfg, residual_std(cfg), causal=False, name="attn"),
+                                 bias_BxNxTxS=bias_BxNxTxS)
         mlp = Mlp(cfg, residual_std(cfg), name="mlp")
         attn_norm, mlp_norm = norm(cfg, "attn_norm"), norm(cfg, "mlp_norm")
         if cfg.post_norm:    # BERT: x = norm(x + f(x))
@@ -56,8 +61,11 @@ class EncoderStack(nn.Module):
     def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
                  segment_ids_BxT: jax.Array | None, *, train: bool = False) -> jax.Array:
         cfg = self.cfg
+        # T5: one relative position bias for the whole stack (model/relative.py)
+        bias = (RelativeBias(cfg, bidirectional=True, name="pos")(positions_BxT),) \
+            if cfg.pos == "relative_bias" else ()
         x_BxTxD = stack(cfg, EncoderBlock, cfg.n_layers, x_BxTxD, positions_BxT, segment_ids_BxT,
-                        deterministic=not train)
+                        *bias, deterministic=not train)
         if not cfg.post_norm:
             x_BxTxD = norm(cfg, "final_norm")(x_BxTxD)
         return constrain(x_BxTxD, ("batch", "seq", "act_embed"))

@@ -5,6 +5,11 @@ to the encoder output, sharing one token embedding (and the position table, when
 many). For generation, `encode` runs once and `decoder_logits` runs the decoder alone; in
 decode mode the decoder's self-attention keys/values and the projected encoder output are kept
 in the "cache" collection (`init_cache`), so each step costs one token of decoder work.
+
+T5 as published is this model with `model.pos="relative_bias"` (model/relative.py: one bias
+table per stack), RMS norms, no biases, `qk_scale=False`, a geglu (v1.1) or relu (1.0) MLP and an
+untied output (v1.1) or a tied one after `scale_decoder_output` (1.0); train/hf/t5.py maps it
+to Hugging Face's T5ForConditionalGeneration.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from model.config import ModelConfig
 from model.encoder import EncoderStack, default_positions
 from model.layers import (Mlp, PositionEmbedding, constrain, dense, norm, prepend_prompt,
                           prompted_segments, residual, stack, token_embedding)
+from model.relative import RelativeBias
 
 
 class CrossDecoderBlock(nn.Module):
@@ -32,12 +38,14 @@ class CrossDecoderBlock(nn.Module):
     @nn.compact
     def __call__(self, x_BxSxD: jax.Array, positions_BxS: jax.Array,
                  segment_ids_BxS: jax.Array | None, encoded_BxTxD: jax.Array | None,
-                 encoder_segment_ids_BxT: jax.Array | None) -> tuple[jax.Array, None]:
+                 encoder_segment_ids_BxT: jax.Array | None,
+                 bias_BxNxSxS: jax.Array | None = None) -> tuple[jax.Array, None]:
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
         attn = Attention(cfg, self.out_std, causal=True, decode=self.decode, name="attn")
         cross = Attention(cfg, self.out_std, cross=True, decode=self.decode, name="cross_attn")
-        x_BxSxD = residual(cfg, x_BxSxD, lambda h: attn(h, positions_BxS, segment_ids_BxS),
+        x_BxSxD = residual(cfg, x_BxSxD, lambda h: attn(h, positions_BxS, segment_ids_BxS,
+                                                    bias_BxNxTxS=bias_BxNxSxS),
                            norm(cfg, "attn_norm"), drop)
         x_BxSxD = residual(cfg, x_BxSxD, lambda h: cross(
             h, positions_BxS, segment_ids_BxS, encoded_BxTxD, encoder_segment_ids_BxT),
@@ -58,9 +66,13 @@ class DecoderStack(nn.Module):
                  encoder_segment_ids_BxT: jax.Array | None, *, train: bool = False) -> jax.Array:
         cfg = self.cfg
         n = cfg.decoder_layers
+        # T5: one causal relative position bias for the self-attention of every layer (in decode
+        # mode against every cached key); cross-attention has none
+        bias = (RelativeBias(cfg, bidirectional=False, decode=self.decode, name="pos")(
+            positions_BxS),) if cfg.pos == "relative_bias" else ()
         # GPT-2 style: output projections into the residual stream shrink with depth
         x_BxSxD = stack(cfg, CrossDecoderBlock, n, x_BxSxD, positions_BxS, segment_ids_BxS,
-                        encoded_BxTxD, encoder_segment_ids_BxT,
+                        encoded_BxTxD, encoder_segment_ids_BxT, *bias,
                         out_std=cfg.init_std / math.sqrt(3 * n), decode=self.decode,
                         deterministic=not train)
         if not cfg.post_norm:     # post-LN blocks end normed already
@@ -121,6 +133,8 @@ class EncoderDecoderLM(nn.Module):
         h_BxSxD = self.decoder(self._embed(tokens_BxS, positions_BxS, train), positions_BxS,
                                segment_ids_BxS, encoded_BxTxD, encoder_segment_ids_BxT,
                                train=train)
+        if self.cfg.scale_decoder_output:   # T5 1.0 (with its tied embeddings)
+            h_BxSxD = h_BxSxD * jnp.asarray(self.cfg.d_model ** -0.5, h_BxSxD.dtype)
         if self.cfg.tie_embeddings:
             logits_BxSxV = self.embed.attend(h_BxSxD)
         else:

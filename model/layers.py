@@ -170,20 +170,22 @@ class PositionEmbedding(nn.Module):
 
 
 class Mlp(nn.Module):
-    """SwiGLU (gate and up projections fused in one kernel) or GELU feed-forward block."""
+    """Gated (SwiGLU; GeGLU, T5 v1.1's gated-gelu: gate and up projections fused in one
+    kernel) or plain (GELU; ReLU, T5 1.0) feed-forward block. GELU is the tanh approximation."""
     cfg: ModelConfig
     out_std: float
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         cfg = self.cfg
-        if cfg.mlp == "swiglu":
+        act = {"swiglu": nn.silu, "geglu": nn.gelu, "gelu": nn.gelu, "relu": nn.relu}[cfg.mlp]
+        if cfg.mlp in ("swiglu", "geglu"):
             gate_BxTxF, up_BxTxF = dense(cfg, (2, cfg.d_ff), ("embed", None, "mlp"), name="wi",
                                          split=True)(x_BxTxD)
-            h_BxTxF = nn.silu(constrain(gate_BxTxF, ("batch", "seq", "act_mlp"))) * constrain(
+            h_BxTxF = act(constrain(gate_BxTxF, ("batch", "seq", "act_mlp"))) * constrain(
                 up_BxTxF, ("batch", "seq", "act_mlp"))
         else:
-            h_BxTxF = nn.gelu(dense(cfg, cfg.d_ff, ("embed", "mlp"), name="wi")(x_BxTxD))
+            h_BxTxF = act(dense(cfg, cfg.d_ff, ("embed", "mlp"), name="wi")(x_BxTxD))
         h_BxTxF = constrain(h_BxTxF, ("batch", "seq", "act_mlp"))
         out_BxTxD = dense(cfg, cfg.d_model, ("mlp", "embed"), std=self.out_std, name="wo")(h_BxTxF)
         return constrain(out_BxTxD, ("batch", "seq", "act_embed"))

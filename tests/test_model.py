@@ -134,6 +134,6 @@ def test_bad_model_configs_name_the_key():
     with pytest.raises(ModelConfigError, match="n_kv_heads"):
         dataclasses.replace(BASE, n_heads=4, n_kv_heads=3)
     with pytest.raises(ModelConfigError, match="model.mlp"):
-        dataclasses.replace(BASE, mlp="relu")
+        dataclasses.replace(BASE, mlp="tanh")
     with pytest.raises(ModelConfigError, match="unknown model keys"):
         ModelConfig.from_mapping({"d_modle": 3})

@@ -153,9 +153,10 @@ def _check_finetune(cfg: ConfigDict) -> None:
 
 
 def _check_lengths(cfg: ConfigDict, model: ModelConfig) -> None:
-    """Every sequence the run feeds the model fits its positions (RoPE has no table)."""
+    """Every sequence the run feeds the model fits its positions (RoPE and T5's relative
+    buckets have no table)."""
     data, objective = cfg.data, cfg.train.objective
-    if model.pos == "rope":
+    if model.unbounded_positions:
         return
     _check(data.seq_len <= model.max_len,
            f"data.seq_len={data.seq_len} exceeds model.max_len={model.max_len}, the longest "

@@ -111,14 +111,14 @@ def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], *,
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     size = window or cfg.max_len
-    if cfg.pos != "rope" and size > cfg.max_len:
+    if not cfg.unbounded_positions and size > cfg.max_len:
         raise ConfigError(f"window {size} exceeds model.max_len={cfg.max_len}, the most "
                           f"{cfg.pos} positions can encode")
     if not 0 <= keep <= size:
         raise ConfigError(f"keep must be in [1, window={size}] (0 = half the window), got {keep}")
     tokens, segments = left_pad(prompts, pad_id)
     if families.family(cfg).prompting == "encode":
-        if cfg.pos != "rope" and max_new_tokens > cfg.max_len:
+        if not cfg.unbounded_positions and max_new_tokens > cfg.max_len:
             raise ConfigError(f"max_new_tokens={max_new_tokens} exceeds model.max_len="
                               f"{cfg.max_len}, the most decoder positions the model encodes")
     elif not use_cache and tokens.shape[1] + max_new_tokens > size:

@@ -105,16 +105,16 @@ class CacheState:
 
 # cache leaves that hold one entry per row (the rest, cache_index, is shared by all rows)
 _ROW_LEAVES = ("cached_key", "cached_value", "cached_segment", "cross_key", "cross_value",
-               "cross_segment")
+               "cross_segment", "cached_position")
 
 
 def _take_rows(cfg: ModelConfig, cache: Any, rows_R: jax.Array) -> Any:
-    """The cache of rows `rows_R` (with scanned layers each leaf has a leading layers axis)."""
-    axis = 1 if cfg.scan_layers else 0
-
+    """The cache of rows `rows_R` (with scanned layers each leaf of the "layers" stack has a
+    leading layers axis; a stack's own leaves, T5's key positions, have none)."""
     def take(path, leaf):
         name = getattr(path[-1], "key", None)
-        return jnp.take(leaf, rows_R, axis=axis) if name in _ROW_LEAVES else leaf
+        scanned = cfg.scan_layers and any(getattr(k, "key", None) == "layers" for k in path)
+        return jnp.take(leaf, rows_R, axis=1 if scanned else 0) if name in _ROW_LEAVES else leaf
 
     return jax.tree_util.tree_map_with_path(take, cache)
 

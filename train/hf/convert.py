@@ -4,7 +4,7 @@ the library behind `python -m train.export` (train/export.py).
 `export` writes what `transformers` loads offline (`AutoModelForCausalLM.from_pretrained(out)`
 or, for an encoder, `BertForPreTraining`; `AutoTokenizer.from_pretrained(out)`). The layout is
 the one the model's shape fits among its family's `hf_layouts` (train/families.py; the tables
-are train/hf/decoder.py: Llama, GPT-2; train/hf/bert.py: BERT), or an error naming the model
+are train/hf/decoder.py: Llama, GPT-2; train/hf/bert.py: BERT; train/hf/t5.py: T5), or an error naming the model
 option that does not map. `import_hf` turns such a directory into a Loom run: the checkpoint's
 params as step 0 of an Orbax checkpoint with a fresh optimizer state, its sentencepiece
 vocabulary as the run's `tokenizer.model`, and the run's config (`config.json`, and `config.py`
@@ -91,7 +91,8 @@ def write_hf(out: str | Path, params: Any, cfg: ModelConfig, tokenizer: Tokenize
     (staging / HF_CONFIG).write_text(json.dumps(layout.hf_config(cfg), indent=2))
     (staging / GENERATION_CONFIG).write_text(json.dumps(
         dict(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD), indent=2))
-    hf_tokenizer.write(tokenizer, staging, cfg.max_len, bert=layout is hf_bert.BERT)
+    hf_tokenizer.write(tokenizer, staging, cfg.max_len, bert=layout is hf_bert.BERT,
+                       eos=layout.family == "encoder_decoder")
     if out.exists():
         out.rmdir()
     staging.rename(out)
@@ -206,6 +207,8 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, config: ConfigDict | None
 
     config = ConfigDict((config or base_config()).to_dict())
     derived = {**layout.model_keys(hf_config), "family": layout.family}
+    if layout.tensor_keys is not None:
+        derived.update(layout.tensor_keys(set(loaders)))
     _refuse_model_overrides(config, derived, config_args, hf_dir / HF_CONFIG)
     config.model.update(derived)
     config.train.objective = layout.objective

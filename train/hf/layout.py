@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import numpy as np
 from flax import traverse_util
@@ -29,11 +29,14 @@ class Tensor:
     """Loom parameters `loom` <-> Hugging Face tensors `hf`.
 
     `to_hf(loom arrays) -> hf arrays`; `to_loom(hf arrays, loom shapes) -> loom arrays`.
+    `optional`: trailing `hf` names that export writes but a checkpoint may lack (a copy, such as
+    T5's output layer written beside the embedding it equals); `to_loom` gets those present.
     """
     loom: tuple[str, ...]
     hf: tuple[str, ...]
     to_hf: Callable[[Arrays], Arrays]
     to_loom: Callable[[Arrays, Sequence[Shape]], Arrays]
+    optional: tuple[str, ...] = ()
 
 
 def same(loom: str, hf: str) -> Tensor:
@@ -91,7 +94,9 @@ class Layout:
     model's prefix of tensor names (`model.`), which checkpoints saved from the base model lack,
     `heads` the prefixes of tensors outside it, `renames` regex substitutions from older names.
     `ignored` matches Hugging Face tensors that are buffers, not parameters (precomputed masks
-    and frequencies) or a tied output layer stored twice, skipped on import.
+    and frequencies) or a tied output layer stored twice, skipped on import. `tensor_keys`
+    (names of the checkpoint's tensors) -> model keys that follow from which tensors it holds
+    rather than from config.json (T5: an `lm_head.weight` of its own means untied).
     """
     name: str
     model_type: str
@@ -107,6 +112,7 @@ class Layout:
     heads: tuple[str, ...] = ("lm_head.",)
     renames: tuple[tuple[str, str], ...] = ()
     ignored: str = r"$^"
+    tensor_keys: Callable[[Collection[str]], dict[str, Any]] | None = None
 
     def canonical(self, name: str) -> str:
         """A tensor name as the task model (`...ForCausalLM`) stores it."""
@@ -203,11 +209,12 @@ def to_loom(layout: Layout, hf: Mapping[str, Any], cfg: ModelConfig,
     tensors; `hf` maps names to arrays (or to callables returning them, read on demand)."""
     out, used = {}, set()
     for t in layout.tensors(cfg):
-        missing = [n for n in t.hf if n not in hf]
+        missing = [n for n in t.hf if n not in hf and n not in t.optional]
         if missing:
             raise CheckpointError(f"the checkpoint lacks tensor {missing[0]!r}, which a "
                                   f"{layout.name} model of this config.json has")
-        arrays = [np.asarray(hf[n]() if callable(hf[n]) else hf[n]) for n in t.hf]
+        names = [n for n in t.hf if n in hf]
+        arrays = [np.asarray(hf[n]() if callable(hf[n]) else hf[n]) for n in names]
         want = [tuple(shapes[p]) for p in t.loom]
         shapes_in = [a.shape for a in arrays]
         try:
@@ -221,7 +228,7 @@ def to_loom(layout: Layout, hf: Mapping[str, Any], cfg: ModelConfig,
                                   "not fit the model its config.json describes (Loom expects "
                                   f"{want[0]})")
         out.update(zip(t.loom, (x.astype(dtype) for x in got)))
-        used.update(t.hf)
+        used.update(names)
     unused = sorted(n for n in set(hf) - used if not re.search(layout.ignored, n))
     if unused:
         raise CheckpointError(f"the checkpoint has tensors a Loom {layout.name} model does not: "

@@ -69,9 +69,10 @@ def _bpe_merges(pieces: list[Any], ids: dict[str, int]) -> list[tuple[str, str]]
     return [(left, right) for *_, left, right in sorted(ranked)]
 
 
-def fast_tokenizer(tokenizer: Tokenizer, bert: bool = False) -> Any:
+def fast_tokenizer(tokenizer: Tokenizer, bert: bool = False, eos: bool = False) -> Any:
     """The vocabulary as a `tokenizers.Tokenizer` that encodes like the sentencepiece model,
-    adding BOS in front (decoders) or BERT's [CLS] A [SEP] (B [SEP]) around the text."""
+    adding BOS in front (decoders), BERT's [CLS] A [SEP] (B [SEP]) around the text, or (`eos`,
+    T5's encoder input) EOS after it."""
     # deferred: `tokenizers` is an optional dependency (pip install -e '.[hf]')
     from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, \
         processors
@@ -134,6 +135,11 @@ def fast_tokenizer(tokenizer: Tokenizer, bert: bool = False) -> Any:
         fast.post_processor = processors.TemplateProcessing(
             single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
             special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    elif eos:
+        end = pieces[EOS].piece
+        fast.post_processor = processors.TemplateProcessing(
+            single=f"$A:0 {end}:0", pair=f"$A:0 {end}:0 $B:1 {end}:1",
+            special_tokens=[(end, EOS)])
     else:
         bos = pieces[BOS].piece
         fast.post_processor = processors.TemplateProcessing(
@@ -142,14 +148,16 @@ def fast_tokenizer(tokenizer: Tokenizer, bert: bool = False) -> Any:
     return fast
 
 
-def write(tokenizer: Tokenizer, out: Path, max_len: int, bert: bool = False) -> None:
+def write(tokenizer: Tokenizer, out: Path, max_len: int, bert: bool = False,
+          eos: bool = False) -> None:
     """tokenizer.model, tokenizer.json, tokenizer_config.json and special_tokens_map.json.
 
     Encoding adds BOS and not EOS, as Loom's documents and prompts start with BOS; with `bert`,
-    [CLS] and [SEP] as BERT's inputs have them.
+    [CLS] and [SEP] as BERT's inputs have them; with `eos`, EOS and not BOS, as Loom's (and
+    T5's) encoder inputs end with EOS.
     """
     try:
-        fast = fast_tokenizer(tokenizer, bert)
+        fast = fast_tokenizer(tokenizer, bert, eos)
     except ImportError as e:
         raise DependencyError("exporting a tokenizer needs the `tokenizers` package: "
                               "pip install -e '.[hf]'") from e
@@ -161,8 +169,8 @@ def write(tokenizer: Tokenizer, out: Path, max_len: int, bert: bool = False) -> 
     if bert:
         names.update(zip(("cls_token", "sep_token", "mask_token"), BERT_PIECES))
     (out / SPECIAL_TOKENS_MAP).write_text(json.dumps(names, indent=2))
-    config = dict(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=not bert,
-                  add_eos_token=False, clean_up_tokenization_spaces=False,
+    config = dict(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=not (bert or eos),
+                  add_eos_token=eos, clean_up_tokenization_spaces=False,
                   model_max_length=max_len, **names,
                   model_input_names=["input_ids", "token_type_ids", "attention_mask"] if bert
                   else ["input_ids", "attention_mask"])
