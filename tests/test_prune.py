@@ -2,13 +2,10 @@
 train step through resume, N:M masks, the cubic schedule, one-shot `train.compress prune` and
 `drop-layers` end to end, and their bad input."""
 import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from configs.loader import load
@@ -21,7 +18,9 @@ from train.compress.__main__ import main as compress_main
 from train.compress.layer_drop import keep_layers
 from train.compress.oneshot import prune_params
 from train.loop import read_metrics, train
-from train.restore import restore
+from train import state as state_lib
+from train.restore import restore, saved_config
+from train.setup import build
 
 
 def _kernels(params):
@@ -31,9 +30,6 @@ def _kernels(params):
 
 def _state(workdir, step):
     """The full train state of a run's checkpoint, on this host."""
-    from train.setup import build
-    from train.restore import saved_config
-    from train import state as state_lib
     config, _ = saved_config(workdir, step)
     setup = build(config)
     abstract = state_lib.abstract(setup.model, setup.model_cfg, setup.tx, setup.state_shardings)
@@ -127,6 +123,19 @@ def test_dropped_layers_equal_the_kept_blocks_run_by_hand(scan):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
+def test_encoder_decoder_stacks_are_cut_separately():
+    cfg = ModelConfig.create(family="encoder_decoder", vocab_size=64, d_model=32, n_heads=4,
+                             n_layers=3, d_ff=64, max_len=16, dtype="float32", scan_layers=False)
+    params = nn_unbox(families.build(cfg).init(jax.random.PRNGKey(0),
+                                               *families.init_inputs(cfg))["params"])
+    kept = keep_layers(params, [0, 2], [1])
+    assert sorted(k for k in kept["encoder"] if k.startswith("layers")) == ["layers_0",
+                                                                            "layers_1"]
+    assert [k for k in kept["decoder"] if k.startswith("layers")] == ["layers_0"]
+    assert kept["encoder"]["layers_1"] is params["encoder"]["layers_2"]
+    assert kept["decoder"]["layers_0"] is params["decoder"]["layers_1"]
+
+
 def nn_unbox(tree):
     return jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, tree,
                         is_leaf=lambda x: hasattr(x, "unbox"))
@@ -137,8 +146,8 @@ def trained(data_dir, tokenizer_path, tmp_path_factory):
     from tests.conftest import tiny_config
     config = tiny_config(data_dir, tokenizer_path)
     config.model.n_layers = 3
-    config.train.update(steps=4)
-    config.eval.update(every=0)
+    config.train.update(steps=2)
+    config.eval.update(every=0, steps=1)
     workdir = tmp_path_factory.mktemp("trained")
     train(config, workdir, progress=False)
     return workdir
@@ -146,10 +155,7 @@ def trained(data_dir, tokenizer_path, tmp_path_factory):
 
 def test_prune_cli_writes_a_run_that_restores_and_trains_with_its_masks(trained, tmp_path):
     out = tmp_path / "pruned"
-    done = subprocess.run([sys.executable, "-m", "train.compress", "prune", "--workdir",
-                           str(trained), "--out", str(out), "--pattern", "2:4"],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    compress_main(["prune", "--workdir", str(trained), "--out", str(out), "--pattern", "2:4"])
     report = json.loads((out / "prune.json").read_text())
     assert report["sparsity"] == 0.5 and report["per_layer"]["all"] == pytest.approx(0.5)
     restored = restore(out)                                   # what eval/generate/export read
@@ -158,6 +164,7 @@ def test_prune_cli_writes_a_run_that_restores_and_trains_with_its_masks(trained,
     assert restored.config.prune.pattern == "2:4"
     config = load(out / "config.py")
     config.train.update(steps=3)
+    config.eval.update(steps=1)
     train(config, out, progress=False)                        # fine-tune on, masks kept
     after = _kernels(_state(out, 3).params)
     for name, w in after.items():
@@ -167,10 +174,7 @@ def test_prune_cli_writes_a_run_that_restores_and_trains_with_its_masks(trained,
 
 def test_drop_layers_cli_writes_the_shallower_run(trained, tmp_path):
     out = tmp_path / "dropped"
-    done = subprocess.run([sys.executable, "-m", "train.compress", "drop-layers", "--workdir",
-                           str(trained), "--out", str(out), "--keep", "0,2"],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    compress_main(["drop-layers", "--workdir", str(trained), "--out", str(out), "--keep", "0,2"])
     src, new = restore(trained), restore(out)
     assert new.config.model.n_layers == 2
     a, b = src.params["layers"], new.params["layers"]

@@ -29,7 +29,6 @@ from errors import ConfigError
 from model.config import ModelConfig
 
 PRUNED_MODULES = ("attn", "cross_attn", "mlp")   # the block modules whose kernels are pruned
-PATTERN_HELP = "unstructured | N:M (e.g. 2:4: N kept of every M along the input dimension)"
 SCOPES = ("layer", "global")
 
 
