@@ -212,6 +212,21 @@ HELP = {
     "ckpt.async_save": "write checkpoints in the background while training continues",
 }
 
+# Pruning (train/pruning.py): magnitude masks of the blocks' attention and MLP kernels, kept in
+# the optimizer state, so checkpoints and resume carry them; pruned weights stay exactly zero.
+HELP.update({
+    "prune.target": "fraction of the blocks' attention/MLP kernel weights pruned by magnitude, "
+                    "reached at prune.end; 0 = off (an N:M pattern: 1 - N/M, e.g. 0.5 for 2:4)",
+    "prune.pattern": "unstructured | N:M (N kept of every M consecutive weights along the "
+                     "kernel's input dimension, the 2:4 sparse tensor core layout)",
+    "prune.scope": "unstructured: layer (each kernel of each layer to the same sparsity) | "
+                   "global (one magnitude threshold over all pruned kernels)",
+    "prune.start": "step of the first mask update (sparsity 0 before)",
+    "prune.end": "step the sparsity reaches prune.target (cubic ramp from start, Zhu & Gupta); "
+                 "start = end: prune once at that step",
+    "prune.every": "steps between mask updates from prune.start to prune.end",
+})
+
 
 def get_config() -> ConfigDict:
     """Defaults: a GPT-style decoder with Llama-style blocks, sized like the 125M preset."""
@@ -265,4 +280,6 @@ def get_config() -> ConfigDict:
         max_new_tokens=32,
     ))
     c.ckpt = ConfigDict(dict(every=1000, keep=3, keep_best=1, async_save=True))
+    c.prune = ConfigDict(dict(target=0.0, pattern="unstructured", scope="layer", start=0, end=0,
+                              every=100))
     return c

@@ -16,7 +16,7 @@ from data import config as data_config
 from errors import ConfigError, MeshError
 from model.config import ModelConfig
 from model.sharding import MESH_AXES, batch_divisor, mesh_shape, rules_from_config
-from train import families
+from train import families, pruning
 
 SCHEDULES = ("cosine", "linear", "constant")
 NONFINITE = ("halt", "skip")
@@ -97,6 +97,7 @@ def validate(cfg: ConfigDict, devices: Sequence[jax.Device] | None = None) -> No
     _check(cfg.ckpt.keep >= 1, f"ckpt.keep must be >= 1, got {cfg.ckpt.keep}")
     _check(cfg.ckpt.keep_best >= 0, f"ckpt.keep_best must be >= 0, got {cfg.ckpt.keep_best}")
     _check_finetune(cfg)
+    pruning.check(cfg.prune, model)
     _check_mesh(cfg, devices)
 
 

@@ -21,7 +21,8 @@ from errors import ConfigError
 from model.config import ModelConfig
 from model.sharding import (Rules, activate, batch_sharding, check_process_rows, make_mesh,
                             rules_from_config, wait_for_all_processes)
-from train import (families, lora, optimizer, soft_prompt, state as state_lib, step as step_lib,
+from train import (families, lora, optimizer, pruning, soft_prompt, state as state_lib,
+                   step as step_lib,
                    synthetic)
 
 
@@ -99,6 +100,7 @@ def build(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Se
                                tuple(config.finetune.lora_targets),
                                config.finetune.lora_dropout)
     tx, lr_schedule = optimizer.make(config.opt, config.train.steps, config.finetune)
+    tx = pruning.wrap(tx, config.prune)   # prune.target > 0: masks in the optimizer state
     with activate(mesh, rules):
         shardings = state_lib.shardings(model, model_cfg, tx, mesh, rules)
     return Setup(config, model_cfg, model, mesh, rules, tx, lr_schedule, shardings,

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from train import pruning
 from train.objectives import Objective, Sums
 from train.state import TrainState
 
@@ -68,6 +69,7 @@ def train_step(state: TrainState, batch: Batch, *, objective: Objective, model: 
         opt_state = jax.tree.map(keep, opt_state, state.opt_state)
     metrics.update(grad_norm=grad_norm, lr=lr_schedule(state.step), tokens=sums["weight"],
                    nonfinite=(~finite).astype(jnp.int32))
+    metrics.update(pruning.sparsity_metrics(opt_state))   # prune.*: the pruned fraction
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
