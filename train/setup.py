@@ -22,8 +22,7 @@ from model.config import ModelConfig
 from model.sharding import (Rules, activate, batch_sharding, check_process_rows, make_mesh,
                             rules_from_config, wait_for_all_processes)
 from train import (families, lora, optimizer, pruning, soft_prompt, state as state_lib,
-                   step as step_lib,
-                   synthetic)
+                   step as step_lib, synthetic)
 
 
 @dataclasses.dataclass
