@@ -159,11 +159,9 @@ HELP = {
     "train.steps": "optimizer steps in the whole run",
     "train.seed": "seed of parameter init and dropout",
     "train.objective": "clm (decoder) | mlm (encoder; + NSP/SOP given sentence pairs) | electra "
-                       "(electra) | span_corruption, prefix_lm, denoise (encoder_decoder) | "
-                       "tasks: classify, tag (any family), text2text (decoder, encoder_decoder)",
-                       "(electra) | span_corruption, prefix_lm (encoder_decoder) | plm "
-                       "(xlnet: permutation LM) | tasks: "
-                       "classify, tag (any family), text2text (decoder, encoder_decoder)",
+                       "(electra) | span_corruption, prefix_lm, denoise (encoder_decoder) | plm "
+                       "(xlnet: permutation LM) | tasks: classify, tag (any family), text2text "
+                       "(decoder, encoder_decoder)",
     "train.z_loss": "coefficient of the log(Z)^2 auxiliary loss; 0 = off",
     "train.pair_weight": "mlm: weight (lambda) of the NSP/SOP loss added to the MLM loss",
     "train.discriminator_weight": "electra: weight (lambda) of the discriminator loss added to "
