@@ -57,6 +57,8 @@ class ModelConfig:
     post_norm: bool  # encoder, electra: BERT's post-LN blocks instead of pre-norm
     n_decoder_layers: int  # encoder_decoder: decoder blocks (n_layers: encoder); 0 = same
     generator_scale: float  # electra: generator width / discriminator width
+    # not a model.* key: quant.activations of a quantized run (train.setup.build sets it)
+    quant_activations: str = ""
 
     def __post_init__(self):
         for field in dataclasses.fields(self):

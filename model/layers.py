@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model import quant
 from model.config import ModelConfig
 
 Names = tuple[str | None, ...]
@@ -37,6 +38,7 @@ class Dense(nn.Module):
     dtype: Any
     param_dtype: Any
     split: bool = False
+    activations: str = ""   # a quantized kernel's input type ('' = float; model/quant.py)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array | tuple[jax.Array, ...]:
@@ -58,8 +60,11 @@ class Dense(nn.Module):
                      for i in range(self.features[0]))
 
     def _apply(self, x, axis, kernel, bias):
-        y = jax.lax.dot_general(x, kernel.astype(self.dtype),
-                                ((axis, tuple(range(len(axis)))), ((), ())))
+        dims = ((axis, tuple(range(len(axis)))), ((), ()))
+        if isinstance(kernel, quant.qwix.QArray):   # post-training quantized (quant.mode=ptq)
+            y = quant.matmul(x, kernel, dims, self.activations, self.dtype)
+        else:
+            y = jax.lax.dot_general(x, kernel.astype(self.dtype), dims)
         if bias is not None:
             y = y + bias.astype(self.dtype).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
         return y
@@ -71,7 +76,8 @@ def dense(cfg: ModelConfig, features: int | Sequence[int], names: Names, *, axis
     return Dense(features=(features,) if isinstance(features, int) else tuple(features),
                  names=names, axis=(axis,) if isinstance(axis, int) else tuple(axis),
                  std=cfg.init_std if std is None else std, use_bias=cfg.use_bias,
-                 dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype, split=split, name=name)
+                 dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype, split=split,
+                 activations=cfg.quant_activations, name=name)
 
 
 def norm(cfg: ModelConfig, name: str | None = None) -> nn.Module:
