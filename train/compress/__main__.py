@@ -15,6 +15,7 @@ from train import distributed
 
 # command name -> module of train.compress that defines it (imported lazily: --help stays fast)
 COMMANDS: dict[str, str] = {
+    "quantize": "quantize",
 }
 
 
