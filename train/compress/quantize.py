@@ -104,7 +104,8 @@ def quantize_run(workdir: str | Path, out: str | Path, *, step: str | int = "lat
             q_setup.model, q_setup.model_cfg, q_setup.tx, q_setup.state_shardings, 0))
         state = state_lib.TrainState(
             step=jax.numpy.asarray(float_run.step, jax.numpy.int32), params=params,
-            opt_state={}, rng=jax.numpy.zeros(progress.rng.shape, progress.rng.dtype))
+            # inference only: no optimizer moments (orbax needs an item, so one byte)
+            opt_state={"none": jax.numpy.zeros((), jax.numpy.int8)}, rng=jax.numpy.zeros(progress.rng.shape, progress.rng.dtype))
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(workdir / MODEL_FILE, out / MODEL_FILE)
     ckpt = Checkpointer(out, config.ckpt)
