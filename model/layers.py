@@ -13,10 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import quant
+import qwix
+
 from model.config import ModelConfig
 
 Names = tuple[str | None, ...]
+QTYPES = {"int8": jnp.int8, "int4": jnp.int4}   # quantized kernels and inputs (model/quant.py)
 
 
 def constrain(x: jax.Array, names: Names) -> jax.Array:
@@ -61,13 +63,25 @@ class Dense(nn.Module):
 
     def _apply(self, x, axis, kernel, bias):
         dims = ((axis, tuple(range(len(axis)))), ((), ()))
-        if isinstance(kernel, quant.qwix.QArray):   # post-training quantized (quant.mode=ptq)
-            y = quant.matmul(x, kernel, dims, self.activations, self.dtype)
+        if isinstance(kernel, qwix.QArray):   # post-training quantized (quant.mode=ptq)
+            y = quantized_matmul(x, kernel, dims, self.activations, self.dtype)
         else:
             y = jax.lax.dot_general(x, kernel.astype(self.dtype), dims)
         if bias is not None:
             y = y + bias.astype(self.dtype).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
         return y
+
+
+def quantized_matmul(x: jax.Array, kernel: qwix.QArray, dimension_numbers, activations: str,
+                     dtype) -> jax.Array:
+    """x @ kernel for a quantized kernel, by qwix's dot_general: weights only, the kernel is
+    dequantized into the matmul; with `activations` ('int8') the input is quantized per token
+    (every axis but the contracted ones keeps its own scale) and the product is int8 x int8."""
+    if activations:
+        contracted = set(dimension_numbers[0][0])
+        x = qwix.quantize(x, QTYPES[activations],
+                          channelwise_axes=[a for a in range(x.ndim) if a not in contracted])
+    return qwix.dot_general(x, kernel, dimension_numbers).astype(dtype)
 
 
 def dense(cfg: ModelConfig, features: int | Sequence[int], names: Names, *, axis=-1,

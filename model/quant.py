@@ -6,7 +6,7 @@ token of each input when activations are quantized):
 - Post-training (`quant.mode=ptq`, written by `python -m train.compress quantize`): every
   `model.layers.Dense` kernel in the params is a `qwix.QArray` (int8 or int4 values + float32
   scales; a scanned stack keeps its leading layer axis, one scale row per block). `Dense` sees
-  the QArray and calls `matmul`, qwix's quantized `dot_general`: weights only, the kernel is
+  the QArray and calls `quantized_matmul`, qwix's quantized `dot_general`: weights only, the kernel is
   dequantized into the matmul (XLA fuses it); with int8 activations, int8 x int8 products
   rescaled on output. Because the params carry the quantization, every code path that applies
   the model (eval, choices, the decoding steppers with their KV cache) runs it with no wrapper.
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import qwix
 
-QTYPES = {"int8": jnp.int8, "int4": jnp.int4}
+from model.layers import QTYPES, Dense
 KERNEL = "kernel"   # the name of model.layers.Dense's parameter (the only "kernel" in Loom)
 
 
@@ -35,17 +35,6 @@ def is_quantized(params: Any) -> bool:
     """Whether any leaf of `params` is a quantized kernel."""
     return any(isinstance(x, qwix.QArray) for x in jax.tree.leaves(
         params, is_leaf=lambda x: isinstance(x, qwix.QArray)))
-
-
-def matmul(x: jax.Array, kernel: qwix.QArray, dimension_numbers, activations: str,
-           dtype) -> jax.Array:
-    """x @ kernel for a quantized kernel; with `activations` ('int8') the input is quantized
-    per token (every axis but the contracted ones keeps its own scale)."""
-    if activations:
-        contracted = set(dimension_numbers[0][0])
-        x = qwix.quantize(x, QTYPES[activations],
-                          channelwise_axes=[a for a in range(x.ndim) if a not in contracted])
-    return qwix.dot_general(x, kernel, dimension_numbers).astype(dtype)
 
 
 def _kernels(params: Any, n_inputs: dict[tuple[str, ...], tuple[int, int]]):
@@ -62,7 +51,6 @@ def _kernels(params: Any, n_inputs: dict[tuple[str, ...], tuple[int, int]]):
 def dense_inputs(model: nn.Module, *init_args) -> dict[tuple[str, ...], tuple[int, int]]:
     """Kernel path -> (contracted input axes, rank in one call) of every Dense of `model`,
     from an abstract init (nothing is allocated)."""
-    from model.layers import Dense   # model.layers imports this module: no cycle at import
     found: dict[tuple[str, ...], int] = {}
 
     def record(next_fun, args, kwargs, context):
