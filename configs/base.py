@@ -180,8 +180,11 @@ HELP = {
                   "checkpoint holds int weights and their scales)",
     "quant.weights": "int8 | int4: weight type of every dense projection, per-output-channel "
                      "absmax scales (embeddings and norms stay float)",
-    "quant.activations": "'' (weights only) | int8: the projections' inputs too, per-token "
-                         "absmax scales computed at run time, int8 x int8 matmuls",
+    "quant.activations": "'' (weights only) | int8: the projections' inputs too, int8 x int8 "
+                         "matmuls; scales per token at run time, or static ones (below)",
+    "quant.calibration_batches": "ptq with int8 activations: 0 = per-token scales computed at "
+                                 "run time; N = one static scale per projection (and block), "
+                                 "the input absmax over N train batches at quantization",
     "ckpt.every": "steps between checkpoints; 0 = only at the end",
     "ckpt.keep": "most recent checkpoints kept",
     "ckpt.keep_best": "checkpoints with the lowest eval loss kept besides those",
@@ -234,6 +237,7 @@ def get_config() -> ConfigDict:
         layer_lr_decay=1.0, head_dropout=0.1, metric="", patience=0, eval_examples=0,
         max_new_tokens=32,
     ))
-    c.quant = ConfigDict(dict(mode="none", weights="int8", activations=""))
+    c.quant = ConfigDict(dict(mode="none", weights="int8", activations="",
+                              calibration_batches=0))
     c.ckpt = ConfigDict(dict(every=1000, keep=3, keep_best=1, async_save=True))
     return c

@@ -19,6 +19,7 @@ from model.config import ModelConfig
 
 Names = tuple[str | None, ...]
 QTYPES = {"int8": jnp.int8, "int4": jnp.int4}   # quantized kernels and inputs (model/quant.py)
+INPUT_SCALE = "input_scale"   # a calibrated Dense's static input scale (model/quant.py)
 
 
 def constrain(x: jax.Array, names: Names) -> jax.Array:
@@ -64,7 +65,9 @@ class Dense(nn.Module):
     def _apply(self, x, axis, kernel, bias):
         dims = ((axis, tuple(range(len(axis)))), ((), ()))
         if isinstance(kernel, qwix.QArray):   # post-training quantized (quant.mode=ptq)
-            y = quantized_matmul(x, kernel, dims, self.activations, self.dtype)
+            input_scale = (self.get_variable("params", INPUT_SCALE)
+                           if self.has_variable("params", INPUT_SCALE) else None)
+            y = quantized_matmul(x, kernel, dims, self.activations, self.dtype, input_scale)
         else:
             y = jax.lax.dot_general(x, kernel.astype(self.dtype), dims)
         if bias is not None:
@@ -73,11 +76,19 @@ class Dense(nn.Module):
 
 
 def quantized_matmul(x: jax.Array, kernel: qwix.QArray, dimension_numbers, activations: str,
-                     dtype) -> jax.Array:
+                     dtype, input_scale: jax.Array | None = None) -> jax.Array:
     """x @ kernel for a quantized kernel, by qwix's dot_general: weights only, the kernel is
-    dequantized into the matmul; with `activations` ('int8') the input is quantized per token
-    (every axis but the contracted ones keeps its own scale) and the product is int8 x int8."""
-    if activations:
+    dequantized into the matmul; with `activations` ('int8') the input is quantized too and the
+    product is int8 x int8: with the calibrated static `input_scale` if there is one, else per
+    token (every axis but the contracted ones keeps its own scale, computed at run time)."""
+    if activations and input_scale is not None:
+        qmax = float(jnp.iinfo(QTYPES[activations]).max)
+        scale = input_scale.astype(jnp.float32)
+        q = jnp.clip(jnp.round(x.astype(jnp.float32) / scale), -qmax, qmax)
+        x = qwix.QArray(qvalue=q.astype(QTYPES[activations]),
+                        scale=jnp.reshape(scale, (1,) * x.ndim).astype(x.dtype),
+                        qtype=QTYPES[activations])
+    elif activations:
         contracted = set(dimension_numbers[0][0])
         x = qwix.quantize(x, QTYPES[activations],
                           channelwise_axes=[a for a in range(x.ndim) if a not in contracted])

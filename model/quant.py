@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import qwix
 
-from model.layers import QTYPES, Dense
+from model.layers import INPUT_SCALE, QTYPES, Dense
 KERNEL = "kernel"   # the name of model.layers.Dense's parameter (the only "kernel" in Loom)
 
 
@@ -92,6 +92,63 @@ def quantize_params(params: Any, n_inputs: dict[tuple[str, ...], tuple[int, int]
     return _replace(params, flat)
 
 
+class InputRecorder:
+    """Records the input absmax of every Dense call while active (`with recorder:`), for
+    static activation scales. Values arrive through `jax.debug.callback` when the traced
+    computation runs (ordered, so a scanned stack's blocks arrive in layer order); trace and run
+    on one device, so each call reports once."""
+
+    def __init__(self):
+        self.seen: dict[tuple[str, ...], list[float]] = {}
+        self._context = None
+
+    def _record(self, path, absmax):
+        self.seen.setdefault(path, []).append(float(absmax))
+
+    def __enter__(self):
+        def intercept(next_fun, args, kwargs, context):
+            module = context.module
+            if isinstance(module, Dense) and context.method_name == "__call__":
+                path = tuple(module.path) + (KERNEL,)
+                absmax = jnp.max(jnp.abs(args[0].astype(jnp.float32)))
+                jax.debug.callback(lambda a, path=path: self._record(path, a), absmax,
+                                   ordered=True)
+            return next_fun(*args, **kwargs)
+        self._context = nn.intercept_methods(intercept)
+        self._context.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._context.__exit__(*exc)
+
+    def scales(self, params: Any, n_inputs: dict[tuple[str, ...], tuple[int, int]],
+               activations: str) -> dict[tuple[str, ...], jax.Array]:
+        """Kernel path -> its static input scale (absmax over every recorded call / qmax), one
+        per block of a scanned stack."""
+        qmax = float(jnp.iinfo(QTYPES[activations]).max)
+        out = {}
+        for _, keys, leaf, (_, rank) in _kernels(params, n_inputs):
+            values = jnp.asarray(self.seen.get(keys, [1.0]), jnp.float32)
+            layers = nn.unbox(leaf).shape[0] if nn.unbox(leaf).ndim > rank else 0
+            per_call = values.reshape(-1, layers).max(0) if layers else values.max()
+            out[keys] = jnp.maximum(per_call, 1e-6) / qmax
+        return out
+
+
+def with_input_scales(params: Any, scales: dict[tuple[str, ...], Any]) -> Any:
+    """`params` with each Dense's static input scale beside its kernel (`input_scale`)."""
+    flat = {keys[:-1]: scale for keys, scale in scales.items()}
+
+    def add(tree, prefix=()):
+        if isinstance(tree, qwix.QArray) or not hasattr(tree, "items"):
+            return tree
+        out = {k: add(v, prefix + (str(k),)) for k, v in tree.items()}
+        if prefix in flat:
+            out[INPUT_SCALE] = flat[prefix]
+        return out
+    return add(params)
+
+
 def dequantize_params(params: Any) -> Any:
     """Float params again (float32 kernels): what Hugging Face export writes."""
     return jax.tree.map(lambda x: qwix.dequantize(x).astype(jnp.float32)
@@ -122,6 +179,7 @@ class PtqModel:
     since Dense runs a QArray kernel's quantized matmul by itself."""
     inner: nn.Module
     weights: str
+    calibrated: bool = False   # static input scales (quant.calibration_batches > 0)
 
     def __getattr__(self, name):
         if name == "inner":
@@ -135,17 +193,25 @@ class PtqModel:
     def init(self, rng, *args, **kwargs):
         variables = self.inner.init(rng, *args, **kwargs)
         n_inputs = dense_inputs(self.inner, *args)
-        return {**variables, "params": quantize_params(variables["params"], n_inputs,
-                                                       self.weights)}
+        params = quantize_params(variables["params"], n_inputs, self.weights)
+        if self.calibrated:   # placeholders of the right shapes: the checkpoint has the values
+            scales = {}
+            for _, keys, leaf, (_, rank) in _kernels(variables["params"], n_inputs):
+                lead = leaf.value.ndim - rank
+                scales[keys] = leaf.replace(value=jnp.ones(leaf.value.shape[:lead], jnp.float32),
+                                            names=tuple(leaf.names[:lead]))
+            params = with_input_scales(params, scales)
+        return {**variables, "params": params}
 
     def apply(self, variables, *args, **kwargs):
         return self.inner.apply(variables, *args, **kwargs)
 
 
-def wrap(model: nn.Module, mode: str, weights: str, activations: str):
+def wrap(model: nn.Module, mode: str, weights: str, activations: str,
+         calibrated: bool = False):
     """The model a run with quant.mode=`mode` trains or evaluates."""
     if mode == "ptq":
-        return PtqModel(model, weights)
+        return PtqModel(model, weights, calibrated)
     if mode == "qat":
         return QatModel(model, weights, activations)
     return model

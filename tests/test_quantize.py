@@ -70,15 +70,15 @@ def test_qat_run_resumes_exactly_and_quantizes_into_a_smaller_run_that_matches_i
         config, tmp_path):
     config.model.update(d_model=64, d_ff=256)
     config.quant.update(mode="qat", weights="int8")
-    config.train.update(steps=6, log_every=1)
+    config.train.update(steps=4, log_every=1)
     config.eval.update(every=0)
-    config.ckpt.update(every=3)
+    config.ckpt.update(every=2)
     train(config, tmp_path / "straight", progress=False)
-    train(config, tmp_path / "qat", progress=False, stop_after=3)
+    train(config, tmp_path / "qat", progress=False, stop_after=2)
     train(config, tmp_path / "qat", progress=False)
     losses = [{r["step"]: r["loss"] for r in read_metrics(tmp_path / run)
                if "split" not in r and "loss" in r} for run in ("straight", "qat")]
-    assert losses[0] == losses[1] and len(losses[0]) == 6   # exact resume of QAT
+    assert losses[0] == losses[1] and len(losses[0]) == 4   # exact resume of QAT
 
     # the CLI: quantize with the QAT run's settings, then evaluate the quantized run
     q_run = tmp_path / "qat-int8"
@@ -111,10 +111,22 @@ def test_qat_run_resumes_exactly_and_quantizes_into_a_smaller_run_that_matches_i
     texts = generate_run(q_run, "latest", ["def "], options=Options(), max_new_tokens=6)
     assert texts and texts[0].startswith("def ")
 
+    # int8 activations with static scales calibrated on 2 train batches: near the QAT model
+    quantize_run(tmp_path / "qat", tmp_path / "qat-w8a8", weights="int8", activations="int8",
+                 calibration_batches=2)
+    static = restore(tmp_path / "qat-w8a8")
+    scales = [v for p, v in jax.tree_util.tree_flatten_with_path(static.params)[0]
+              if "input_scale" in jax.tree_util.keystr(p)]
+    assert scales and all(float(jnp.min(s)) > 0 for s in scales)
+    with activate(static.setup.mesh, static.setup.rules):
+        static_logits = static.setup.model.apply({"params": static.params}, *args)
+    error = float(jnp.max(jnp.abs(static_logits - qat_logits)) / jnp.max(jnp.abs(qat_logits)))
+    assert 0 < error < TOLERANCE[("int8", "int8")] * 2, error
+
     # on disk: int8 kernels take about a quarter of their float32 bytes, int4 less still
     int4 = quantize_run(tmp_path / "qat", tmp_path / "qat-int4", weights="int4")
-    float_bytes, int8_bytes = _bytes(tmp_path / "qat", 6), _bytes(q_run, 6)
-    int4_bytes = _bytes(tmp_path / "qat-int4", 6)
+    float_bytes, int8_bytes = _bytes(tmp_path / "qat", 4), _bytes(q_run, 4)
+    int4_bytes = _bytes(tmp_path / "qat-int4", 4)
     expected = int4["float_bytes"] / param_bytes(ptq.params)
     assert float_bytes / int8_bytes == pytest.approx(expected, rel=0.25), (
         float_bytes, int8_bytes, expected)

@@ -111,6 +111,13 @@ def _check_quant(cfg: ConfigDict) -> None:
     _check(weights in QUANT_WEIGHTS, f"quant.weights={weights!r}: choose one of {QUANT_WEIGHTS}")
     _check(activations in QUANT_ACTIVATIONS, f"quant.activations={activations!r}: choose one of "
            f"{QUANT_ACTIVATIONS} ('' = weights only)")
+    calibrated = quant.get("calibration_batches", 0)
+    _check(calibrated >= 0, f"quant.calibration_batches must be >= 0, got {calibrated}")
+    _check(not calibrated or activations, "quant.calibration_batches calibrates static scales "
+           "of int8 activations; set quant.activations=int8 (or leave it 0)")
+    _check(not calibrated or mode == "ptq", "quant.calibration_batches is for post-training "
+           "quantization (train.compress quantize --calibration-batches N), not quant.mode="
+           f"{mode}")
     _check(mode != "qat" or cfg.finetune.mode != "lora", "quant.mode=qat with finetune.mode=lora "
            "is not supported (the adapters are a separate float branch); use finetune.mode=full")
 

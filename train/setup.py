@@ -100,7 +100,7 @@ def build(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Se
                                tuple(config.finetune.lora_targets),
                                config.finetune.lora_dropout)
     model = quant_lib.wrap(model, mode, quant.get("weights", "int8"),
-                           quant.get("activations", ""))
+                           quant.get("activations", ""), quant.get("calibration_batches", 0) > 0)
     tx, lr_schedule = optimizer.make(config.opt, config.train.steps, config.finetune)
     with activate(mesh, rules):
         shardings = state_lib.shardings(model, model_cfg, tx, mesh, rules)
