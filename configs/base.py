@@ -204,6 +204,17 @@ HELP = {
                          "before the run stops; 0 = off",
     "finetune.eval_examples": "examples scored for the task metrics at each eval; 0 = all",
     "finetune.max_new_tokens": "text2text: tokens generated per example when scoring",
+    # quantization (model/quant.py, train.compress quantize)
+    "quant.mode": "none | qat (quantization-aware training: fake-quantized matmuls, straight-"
+                  "through gradients, float weights) | ptq (set by train.compress quantize: the "
+                  "checkpoint holds int weights and their scales)",
+    "quant.weights": "int8 | int4: weight type of every dense projection, per-output-channel "
+                     "absmax scales (embeddings and norms stay float)",
+    "quant.activations": "'' (weights only) | int8: the projections' inputs too, int8 x int8 "
+                         "matmuls; scales per token at run time, or static ones (below)",
+    "quant.calibration_batches": "ptq with int8 activations: 0 = per-token scales computed at "
+                                 "run time; N = one static scale per projection (and block), "
+                                 "the input absmax over N train batches at quantization",
     "ckpt.every": "steps between checkpoints; 0 = only at the end",
     "ckpt.keep": "most recent checkpoints kept",
     "ckpt.keep_best": "checkpoints with the lowest eval loss kept besides those",
@@ -277,6 +288,8 @@ def get_config() -> ConfigDict:
         layer_lr_decay=1.0, head_dropout=0.1, metric="", patience=0, eval_examples=0,
         max_new_tokens=32,
     ))
+    c.quant = ConfigDict(dict(mode="none", weights="int8", activations="",
+                              calibration_batches=0))
     c.ckpt = ConfigDict(dict(every=1000, keep=3, keep_best=1, async_save=True))
     c.prune = ConfigDict(dict(target=0.0, pattern="unstructured", scope="layer", start=0, end=0,
                               every=100))

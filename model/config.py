@@ -64,6 +64,8 @@ class ModelConfig:
     rel_max_distance: int
     qk_scale: bool
     scale_decoder_output: bool
+    # not a model.* key: quant.activations of a quantized run (train.setup.build sets it)
+    quant_activations: str = ""
 
     def __post_init__(self):
         for field in dataclasses.fields(self):

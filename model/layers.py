@@ -14,9 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import qwix
+
 from model.config import ModelConfig
 
 Names = tuple[str | None, ...]
+QTYPES = {"int8": jnp.int8, "int4": jnp.int4}   # quantized kernels and inputs (model/quant.py)
+INPUT_SCALE = "input_scale"   # a calibrated Dense's static input scale (model/quant.py)
 
 
 def constrain(x: jax.Array, names: Names) -> jax.Array:
@@ -38,6 +42,7 @@ class Dense(nn.Module):
     dtype: Any
     param_dtype: Any
     split: bool = False
+    activations: str = ""   # a quantized kernel's input type ('' = float; model/quant.py)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array | tuple[jax.Array, ...]:
@@ -59,11 +64,36 @@ class Dense(nn.Module):
                      for i in range(self.features[0]))
 
     def _apply(self, x, axis, kernel, bias):
-        y = jax.lax.dot_general(x, kernel.astype(self.dtype),
-                                ((axis, tuple(range(len(axis)))), ((), ())))
+        dims = ((axis, tuple(range(len(axis)))), ((), ()))
+        if isinstance(kernel, qwix.QArray):   # post-training quantized (quant.mode=ptq)
+            input_scale = (self.get_variable("params", INPUT_SCALE)
+                           if self.has_variable("params", INPUT_SCALE) else None)
+            y = quantized_matmul(x, kernel, dims, self.activations, self.dtype, input_scale)
+        else:
+            y = jax.lax.dot_general(x, kernel.astype(self.dtype), dims)
         if bias is not None:
             y = y + bias.astype(self.dtype).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
         return y
+
+
+def quantized_matmul(x: jax.Array, kernel: qwix.QArray, dimension_numbers, activations: str,
+                     dtype, input_scale: jax.Array | None = None) -> jax.Array:
+    """x @ kernel for a quantized kernel, by qwix's dot_general: weights only, the kernel is
+    dequantized into the matmul; with `activations` ('int8') the input is quantized too and the
+    product is int8 x int8: with the calibrated static `input_scale` if there is one, else per
+    token (every axis but the contracted ones keeps its own scale, computed at run time)."""
+    if activations and input_scale is not None:
+        qmax = float(jnp.iinfo(QTYPES[activations]).max)
+        scale = input_scale.astype(jnp.float32)
+        q = jnp.clip(jnp.round(x.astype(jnp.float32) / scale), -qmax, qmax)
+        x = qwix.QArray(qvalue=q.astype(QTYPES[activations]),
+                        scale=jnp.reshape(scale, (1,) * x.ndim).astype(x.dtype),
+                        qtype=QTYPES[activations])
+    elif activations:
+        contracted = set(dimension_numbers[0][0])
+        x = qwix.quantize(x, QTYPES[activations],
+                          channelwise_axes=[a for a in range(x.ndim) if a not in contracted])
+    return qwix.dot_general(x, kernel, dimension_numbers).astype(dtype)
 
 
 def dense(cfg: ModelConfig, features: int | Sequence[int], names: Names, *, axis=-1,
@@ -72,7 +102,8 @@ def dense(cfg: ModelConfig, features: int | Sequence[int], names: Names, *, axis
     return Dense(features=(features,) if isinstance(features, int) else tuple(features),
                  names=names, axis=(axis,) if isinstance(axis, int) else tuple(axis),
                  std=cfg.init_std if std is None else std, use_bias=cfg.use_bias,
-                 dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype, split=split, name=name)
+                 dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype, split=split,
+                 activations=cfg.quant_activations, name=name)
 
 
 def norm(cfg: ModelConfig, name: str | None = None) -> nn.Module:

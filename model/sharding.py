@@ -116,6 +116,8 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules) -> Any:
     shapes = unboxed(abstract_boxed)
 
     def one(path, spec, leaf):
+        if leaf is None:   # an absent optional field (a quantized kernel's zero point)
+            return None
         mesh_spec = nn.logical_to_mesh_axes(spec, rules) if spec is not None else PartitionSpec()
         return NamedSharding(mesh, _fit(mesh_spec, leaf.shape, mesh, jax.tree_util.keystr(path)))
 

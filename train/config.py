@@ -98,7 +98,32 @@ def validate(cfg: ConfigDict, devices: Sequence[jax.Device] | None = None) -> No
     _check(cfg.ckpt.keep_best >= 0, f"ckpt.keep_best must be >= 0, got {cfg.ckpt.keep_best}")
     _check_finetune(cfg)
     pruning.check(cfg.prune, model)
+    _check_quant(cfg)
     _check_mesh(cfg, devices)
+
+
+QUANT_MODES, QUANT_WEIGHTS, QUANT_ACTIVATIONS = ("none", "qat", "ptq"), ("int8", "int4"), ("", "int8")
+
+
+def _check_quant(cfg: ConfigDict) -> None:
+    """The quant.* keys (model/quant.py reads them). .get: older checkpoints have none."""
+    quant = cfg.get("quant", {})
+    mode, weights = quant.get("mode", "none"), quant.get("weights", "int8")
+    activations = quant.get("activations", "")
+    _check(mode in QUANT_MODES, f"quant.mode={mode!r}: choose one of {QUANT_MODES} (ptq runs "
+           "are made by python -m train.compress quantize)")
+    _check(weights in QUANT_WEIGHTS, f"quant.weights={weights!r}: choose one of {QUANT_WEIGHTS}")
+    _check(activations in QUANT_ACTIVATIONS, f"quant.activations={activations!r}: choose one of "
+           f"{QUANT_ACTIVATIONS} ('' = weights only)")
+    calibrated = quant.get("calibration_batches", 0)
+    _check(calibrated >= 0, f"quant.calibration_batches must be >= 0, got {calibrated}")
+    _check(not calibrated or activations, "quant.calibration_batches calibrates static scales "
+           "of int8 activations; set quant.activations=int8 (or leave it 0)")
+    _check(not calibrated or mode == "ptq", "quant.calibration_batches is for post-training "
+           "quantization (train.compress quantize --calibration-batches N), not quant.mode="
+           f"{mode}")
+    _check(mode != "qat" or cfg.finetune.mode != "lora", "quant.mode=qat with finetune.mode=lora "
+           "is not supported (the adapters are a separate float branch); use finetune.mode=full")
 
 
 FINETUNE_MODES = ("full", "frozen", "lora", "prompt")

@@ -57,6 +57,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             distributed.initialize(args)
             from train.hf.convert import export   # deferred: --help stays fast
             out = export(args.workdir, args.out, args.step, args.layout, args.peft_adapter)
+            from train.restore import saved_config   # deferred: --help stays fast
+            quant = saved_config(args.workdir, args.step)[0].quant
+            if distributed.main_process() and quant.mode == "ptq":
+                print(f"note: {args.workdir} is quantized ({quant.weights} weights); its "
+                      "kernels were dequantized to float32 for Hugging Face")
             if distributed.main_process():
                 print(f"wrote {out}" + (f" and the PEFT adapter {args.peft_adapter}"
                                         if args.peft_adapter else ""))

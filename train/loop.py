@@ -14,7 +14,7 @@ from ml_collections import ConfigDict
 
 from data import config as data_config, pipeline
 from data.tokenizer import Tokenizer
-from errors import TrainingDiverged
+from errors import ConfigError, TrainingDiverged
 from model.sharding import activate
 from train import families, resume, state as state_lib, workdir as workdir_lib
 from train.checkpoint import Checkpointer, directory as checkpoints_dir
@@ -51,6 +51,9 @@ def train(config: ConfigDict, workdir: str | Path, *, progress: bool = True,
     flight (train/preempt.py); the result then has `preempted` set to that step.
     """
     validate(config)
+    if config.get("quant", {}).get("mode") == "ptq":   # int kernels, no optimizer state
+        raise ConfigError("quant.mode=ptq runs are for inference (train.eval, train.generate); "
+                          "train with quant.mode=qat, or fine-tune the float run")
     workdir = workdir_lib.prepare(workdir)
     with workdir_lib.lock(workdir, enabled=jax.process_index() == 0), \
             Preemption(config.train.get("preempt_grace_s", 30.0)) as preempt:

@@ -18,6 +18,7 @@ from ml_collections import ConfigDict
 
 from data.tokenizer import Tokenizer, check_tokenizer
 from errors import ConfigError
+from model import quant as quant_lib
 from model.config import ModelConfig
 from model.sharding import (Rules, activate, batch_sharding, check_process_rows, make_mesh,
                             rules_from_config, wait_for_all_processes)
@@ -85,7 +86,10 @@ def build(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Se
     rules = rules_from_config(config.mesh.rules)
     if jax.process_count() > 1:
         check_process_rows(mesh, rules)
-    model_cfg = ModelConfig.from_mapping(config.model)
+    quant = config.get("quant", {})    # absent in checkpoints saved before quantization
+    mode = quant.get("mode", "none")
+    model_cfg = ModelConfig.from_mapping(
+        config.model, quant_activations=quant.get("activations", "") if mode == "ptq" else "")
     # labels are resolved from the train split when a run starts (train/finetune/backbone.py);
     # unresolved (benchmarks, shape checks) the head fits the synthetic batches' labels
     n_labels = len(config.data.task.labels) or synthetic.N_SYNTHETIC_LABELS
@@ -98,6 +102,8 @@ def build(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Se
         model = lora.LoraModel(model, config.finetune.lora_rank, config.finetune.lora_alpha,
                                tuple(config.finetune.lora_targets),
                                config.finetune.lora_dropout)
+    model = quant_lib.wrap(model, mode, quant.get("weights", "int8"),
+                           quant.get("activations", ""), quant.get("calibration_batches", 0) > 0)
     tx, lr_schedule = optimizer.make(config.opt, config.train.steps, config.finetune)
     tx = pruning.wrap(tx, config.prune)   # prune.target > 0: masks in the optimizer state
     with activate(mesh, rules):

@@ -15,7 +15,8 @@ from train import distributed
 
 # command name -> module of train.compress that defines it (imported lazily: --help stays fast)
 COMMANDS: dict[str, str] = {
-    "prune": "prune", "drop-layers": "drop_layers",   # helper prune (issue 11)
+    "prune": "prune", "drop-layers": "drop_layers",
+    "quantize": "quantize",
 }
 
 

@@ -25,6 +25,7 @@ from ml_collections import ConfigDict
 from configs.base import get_config as base_config
 from data.tokenizer import BOS, EOS, MODEL_FILE, PAD, Tokenizer
 from errors import CheckpointError, ConfigError, DependencyError, ModelConfigError
+from model import quant
 from model.config import ModelConfig
 from model.sharding import activate
 from train import families, state as state_lib
@@ -134,7 +135,9 @@ def export(workdir: str | Path, out: str | Path, step: str | int = "latest",
     run = restore(workdir, step, devices=devices)
     if jax.process_index() != 0:
         return Path(out).expanduser()
-    return write_hf(out, run.params, run.setup.model_cfg, run.tokenizer, chosen)
+    # a quantized run (train.compress quantize) goes out as float32: HF has no Loom int layout
+    return write_hf(out, quant.dequantize_params(run.params), run.setup.model_cfg,
+                    run.tokenizer, chosen)
 
 
 # ---- import ----
