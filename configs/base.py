@@ -38,7 +38,7 @@ HELP = {
     "model.head_dim": "per-head width (K); 0 = d_model // n_heads",
     "model.n_layers": "transformer blocks",
     "model.d_ff": "MLP hidden width (F)",
-    "model.mlp": "swiglu | gelu",
+    "model.mlp": "swiglu | gelu (tanh approximation) | gelu_exact (erf: BERT's, RoBERTa's)",
     "model.norm": "rmsnorm | layernorm (pre-norm everywhere)",
     "model.norm_eps": "epsilon of the norms",
     "model.pos": "rope | learned | sinusoidal",
@@ -61,6 +61,10 @@ HELP = {
                               "0 = n_layers",
     "model.generator_scale": "electra: generator d_model/heads/d_ff as a fraction of the "
                              "discriminator's (paper: 1/4 to 1/2)",
+    "model.embed_dim": "encoder (ALBERT): embeddings of this width E, projected up to d_model "
+                       "(the MLM head projects back to E); 0 = d_model, no projection",
+    "model.share_layers": "encoder (ALBERT): one block's parameters applied n_layers times "
+                          "(compute still n_layers blocks); with or without scan_layers, remat",
     "data.source": "python_stdlib (offline corpus) | text_files (data.paths) | tfds "
                    "(data.tfds_name) | task_files (labelled JSONL/CoNLL, data.paths) | stdlib_task "
                    "(data.task.derived)",
@@ -193,6 +197,7 @@ def get_config() -> ConfigDict:
         n_decoder_layers=0, generator_scale=0.25,
         cudnn_segments="lengths",
     ))
+    c.model.update(embed_dim=0, share_layers=False)   # ALBERT (encoder family)
     c.data = ConfigDict(dict(
         source="python_stdlib", paths=(), tfds_name="", text_field="text", mixture=(),
         data_dir="", train_split="train", eval_split="validation", validation_percent=2.0,

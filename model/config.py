@@ -14,7 +14,7 @@ from errors import ModelConfigError
 # encoder_decoder: T5-style seq2seq; electra: a small generator and an encoder discriminator.
 FAMILIES = ("decoder", "encoder", "encoder_decoder", "electra")
 CHOICES = {
-    "mlp": ("swiglu", "gelu"),
+    "mlp": ("swiglu", "gelu", "gelu_exact"),   # gelu: the tanh approximation
     "norm": ("rmsnorm", "layernorm"),
     "pos": ("rope", "learned", "sinusoidal"),
     "remat": ("none", "full", "dots", "minimal"),
@@ -57,6 +57,9 @@ class ModelConfig:
     post_norm: bool  # encoder, electra: BERT's post-LN blocks instead of pre-norm
     n_decoder_layers: int  # encoder_decoder: decoder blocks (n_layers: encoder); 0 = same
     generator_scale: float  # electra: generator width / discriminator width
+    # ALBERT (encoder): factorised embeddings and cross-layer parameter sharing
+    embed_dim: int  # embeddings of this width projected up to d_model; 0 = d_model, no projection
+    share_layers: bool  # one block's parameters applied n_layers times
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -73,7 +76,8 @@ class ModelConfig:
             if getattr(self, key) <= 0:
                 raise ModelConfigError(f"model.{key} must be positive, got {getattr(self, key)}")
         for key, zero in (("n_kv_heads", "n_heads"), ("head_dim", "d_model // n_heads"),
-                          ("type_vocab_size", "none"), ("n_decoder_layers", "n_layers")):
+                          ("type_vocab_size", "none"), ("n_decoder_layers", "n_layers"),
+                          ("embed_dim", "d_model, no projection")):
             if getattr(self, key) < 0:
                 raise ModelConfigError(f"model.{key} must be >= 0 (0 = {zero}), got "
                                        f"{getattr(self, key)}")
@@ -102,6 +106,11 @@ class ModelConfig:
             raise ModelConfigError(
                 f"model.post_norm=True is for the encoder and electra families (BERT-style "
                 f"blocks), not model.family={self.family!r}; set model.post_norm=False")
+        for key in ("embed_dim", "share_layers"):
+            if getattr(self, key) and self.family != "encoder":
+                raise ModelConfigError(
+                    f"model.{key}={getattr(self, key)!r} (ALBERT) is for the encoder family, not "
+                    f"model.family={self.family!r}; leave it at its default")
         if self.family == "electra":
             self.generator_config()  # the scaled generator must be a valid model too
 
@@ -141,6 +150,11 @@ class ModelConfig:
     def create(cls, **values: Any) -> "ModelConfig":
         """configs/base.py's model with `values` changed (vocab_size has no default: set it)."""
         return cls.from_mapping(values)
+
+    @property
+    def embed_width(self) -> int:
+        """Width E of the token, position and type embeddings (and of the tied MLM output)."""
+        return self.embed_dim or self.d_model
 
     @property
     def kv_heads(self) -> int:

@@ -30,7 +30,7 @@ from model.sharding import activate
 from train import families, state as state_lib
 from train.checkpoint import Checkpointer
 from train.config import validate
-from train.hf import bert as hf_bert, tokenizer as hf_tokenizer
+from train.hf import tokenizer as hf_tokenizer
 from train.hf.layout import Layout, flat_unrolled, nest, to_hf, to_loom
 from train.restore import restore, saved_config
 from train.setup import build
@@ -91,7 +91,7 @@ def write_hf(out: str | Path, params: Any, cfg: ModelConfig, tokenizer: Tokenize
     (staging / HF_CONFIG).write_text(json.dumps(layout.hf_config(cfg), indent=2))
     (staging / GENERATION_CONFIG).write_text(json.dumps(
         dict(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD), indent=2))
-    hf_tokenizer.write(tokenizer, staging, cfg.max_len, bert=layout is hf_bert.BERT)
+    hf_tokenizer.write(tokenizer, staging, cfg.max_len, bert=layout.family == "encoder")
     if out.exists():
         out.rmdir()
     staging.rename(out)
