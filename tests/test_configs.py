@@ -16,7 +16,7 @@ from train.config import validate
 from train.setup import build
 
 # experiment files: those defining get_config(), apart from the base they derive from
-CONFIGS = sorted(p for p in glob.glob("configs/*.py") if not p.endswith("base.py")
+CONFIGS = sorted(p for p in glob.glob("configs/*.py") if os.path.basename(p) != "base.py"
                  and "def get_config(" in open(p).read())
 EXPECTED_PARAMS_M = {"gpt_125m": (100, 150), "gpt_350m": (300, 420), "gpt_1_3b": (1150, 1500)}
 
