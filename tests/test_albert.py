@@ -2,6 +2,7 @@
 the shared block's parameter tree, scan/unrolled/remat agreement, FLOPs, the Hugging Face
 albert and roberta layouts against transformers, dynamic masking, and albert_tiny trained on
 real text (falling loss with SOP, eval metrics, sharded == one device, exact resume)."""
+import json
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -22,8 +23,13 @@ from errors import ModelConfigError  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from test_export import base_config, perturbed, random_params, same_tree  # noqa: E402
 from train import families  # noqa: E402
+from model.sharding import activate  # noqa: E402
+from train import state as state_lib  # noqa: E402
+from train.evaluation import evaluate as evaluation  # noqa: E402
 from train.hf import convert as export  # noqa: E402
+from train.loop import read_metrics, train  # noqa: E402
 from train.restore import restore  # noqa: E402
+from train.setup import build  # noqa: E402
 
 ENCODER = dict(family="encoder", vocab_size=512, d_model=32, n_heads=4, n_layers=3, d_ff=64,
                max_len=64, dtype="float32", mlp="gelu", norm="layernorm", norm_eps=1e-12,
@@ -197,3 +203,82 @@ def test_masks_are_drawn_anew_each_epoch(config, tokenizer_path):
     assert all(np.array_equal(x["targets"], y["targets"]) for x, y in zip(a, b))
     assert any(not np.array_equal(x["weights"], y["weights"]) for x, y in zip(a, b))
     assert examples(docs[0])[0]["weights"].tolist() == a[0]["weights"].tolist()  # deterministic
+
+
+def albert_config(config, steps: int = 12):
+    """The test corpus' tiny config as ALBERT: factorised embeddings, one shared block (scanned),
+    post-LN, masked LM + sentence-order prediction."""
+    config.model.update(family="encoder", pos="learned", mlp="gelu", norm="layernorm",
+                        use_bias=True, post_norm=True, n_kv_heads=0, embed_dim=16,
+                        share_layers=True, n_layers=3, dropout=0.1)
+    config.data.mlm.update(sentence_pairs="sop")
+    config.opt.update(lr=6e-3, warmup_steps=2)
+    config.train.update(objective="mlm", steps=steps, log_every=1)
+    config.eval.update(every=6, steps=2)
+    config.ckpt.update(every=6)
+    return config
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def train_losses(workdir):
+    return {r["step"]: r["loss"] for r in read_metrics(workdir)
+            if "split" not in r and "loss" in r}
+
+
+def test_albert_learns_sop_on_real_text_evaluates_and_resumes_exactly(config, tmp_path):
+    config = albert_config(config)
+    train(config, tmp_path / "straight", progress=False)
+    losses = train_losses(tmp_path / "straight")
+    print("albert loss", {s: round(x, 3) for s, x in losses.items()})
+    assert np.mean([losses[s] for s in (10, 11, 12)]) < np.mean([losses[s] for s in (1, 2, 3)]) \
+        - 0.25, losses
+    logged = read_metrics(tmp_path / "straight")
+    header = next(r for r in logged if "flops_per_token" in r)
+    assert header["flops_per_token"] == pytest.approx(families.flops_per_token(
+        ModelConfig.from_mapping(config.model, vocab_size=512), header["params"], 32))
+    evals = [r for r in logged if r.get("split") == "eval"]
+    assert [r["step"] for r in evals] == [6, 12]
+    assert 0 <= evals[-1]["pair_accuracy"] <= 1 and np.isfinite(evals[-1]["loss"])
+    # train.eval restores the best checkpoint onto one device and gets the run's numbers
+    best = min(evals, key=lambda r: r["loss"])
+    evaluation.run(tmp_path / "straight", "best", steps=2, devices=jax.devices()[:1])
+    again = read_jsonl(tmp_path / "straight" / "eval.jsonl")[-1]
+    assert again["step"] == best["step"] and again["loss"] == pytest.approx(best["loss"],
+                                                                             rel=1e-4)
+    assert again["pair_accuracy"] == pytest.approx(best["pair_accuracy"])
+
+    # stopped after step 7 and resumed: the same losses to the last bit (dropout RNG included)
+    train(config, tmp_path / "resumed", progress=False, stop_after=7)
+    assert max(train_losses(tmp_path / "resumed")) == 7
+    train(config, tmp_path / "resumed", progress=False)
+    assert train_losses(tmp_path / "resumed") == losses
+
+
+def test_albert_sharded_step_matches_one_device(config):
+    config = albert_config(config)
+    config.model.update(vocab_size=512, dropout=0.0)
+    results = []
+    for (data, fsdp, tensor), devices in (((1, 1, 1), jax.devices()[:1]),
+                                          ((2, 2, 2), jax.devices())):
+        config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
+        setup = build(config, devices)
+        with activate(setup.mesh, setup.rules):
+            state = state_lib.init(setup.model, setup.model_cfg, setup.tx,
+                                   setup.state_shardings, 0)
+            step, losses = setup.train_step(), []
+            for seed in range(2):
+                state, metrics = step(state, families.synthetic_batch(
+                    config, setup.batch_sharding, seed))
+                losses.append(float(metrics["loss"]))
+        results.append((losses, jax.device_get(state.params), state))
+    (one, params_one, _), (many, params_many, state_many) = results
+    np.testing.assert_allclose(one, many, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), params_one,
+                 params_many)
+    # the one shared block is sharded like any block: heads over tensor, d_model over fsdp
+    query = state_many.params["encoder"]["layers_shared"]["attn"]["query"]["kernel"]
+    assert query.shape == (32, 4, 8) and {s.data.shape for s in query.addressable_shards} == \
+        {(16, 2, 8)}
