@@ -19,7 +19,7 @@ from configs.loader import load  # noqa: E402
 from data import pipeline  # noqa: E402
 from data.masking import MaskConfig, MlmExamples, Vocab  # noqa: E402
 from data.tokenizer import Tokenizer  # noqa: E402
-from errors import ModelConfigError  # noqa: E402
+from errors import ConfigError, ModelConfigError  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from test_export import base_config, perturbed, random_params, same_tree  # noqa: E402
 from train import families  # noqa: E402
@@ -29,6 +29,7 @@ from train.evaluation import evaluate as evaluation  # noqa: E402
 from train.hf import convert as export  # noqa: E402
 from train.loop import read_metrics, train  # noqa: E402
 from train.restore import restore  # noqa: E402
+from train.config import validate  # noqa: E402
 from train.setup import build  # noqa: E402
 
 ENCODER = dict(family="encoder", vocab_size=512, d_model=32, n_heads=4, n_layers=3, d_ff=64,
@@ -282,3 +283,10 @@ def test_albert_sharded_step_matches_one_device(config):
     query = state_many.params["encoder"]["layers_shared"]["attn"]["query"]["kernel"]
     assert query.shape == (32, 4, 8) and {s.data.shape for s in query.addressable_shards} == \
         {(16, 2, 8)}
+
+
+def test_layerwise_fine_tuning_of_one_shared_block_is_refused(config):
+    config = albert_config(config)
+    config.finetune.layer_lr_decay = 0.8
+    with pytest.raises(ConfigError, match="model.share_layers=True has one block"):
+        validate(config)
