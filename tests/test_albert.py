@@ -178,6 +178,24 @@ def test_roberta_export_gives_loom_logits_and_imports_back(tied, tokenizer_path,
     assert same_tree(imported, params)
 
 
+def test_roberta_saved_by_transformers_imports_with_its_logits(tokenizer_path, tmp_path):
+    # transformers' own default pad_token_id=1: two unused position rows, not Loom's one
+    hf_cfg = transformers.RobertaConfig(vocab_size=512, hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=4, intermediate_size=48,
+                                        max_position_embeddings=66, type_vocab_size=1)
+    hf_model = perturbed(transformers.RobertaForMaskedLM(hf_cfg))
+    hf_model.save_pretrained(tmp_path / "hf")
+    Tokenizer.load(tokenizer_path).save(tmp_path / "hf" / "tokenizer.model")
+    export.import_hf(tmp_path / "hf", tmp_path / "run", albert_run_config())
+    run = restore(tmp_path / "run", devices=jax.devices()[:1])
+    assert run.setup.model_cfg.max_len == 64 and run.setup.model_cfg.mlp == "gelu_exact"
+    tokens, _ = inputs()
+    with torch.no_grad():
+        theirs = hf_model(input_ids=torch.tensor(tokens)).logits.numpy()
+    ours, _ = loom_outputs(run.setup.model_cfg, run.params, tokens, np.zeros_like(tokens))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=2e-5)
+
+
 def test_encoder_layouts_refuse_what_they_cannot_hold():
     albert = ModelConfig.create(**ALBERT)
     with pytest.raises(ModelConfigError, match="model.embed_dim=16 .* bert layout"):
