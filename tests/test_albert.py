@@ -82,8 +82,12 @@ def test_shared_block_is_one_block_applied_n_times_scanned_or_not_with_remat():
     assert len(set(trees)) == 1
     for out in outputs[1:]:
         np.testing.assert_allclose(out, outputs[0], atol=1e-5)
-    # applying the block n times is not applying it once
-    once = ModelConfig.create(**dict(ALBERT, n_layers=1))
+    # it is exactly an unshared stack whose n blocks all hold the shared block's parameters
+    unshared = ModelConfig.create(**dict(ALBERT, share_layers=False, scan_layers=False))
+    copied = dict(ref, encoder={f"layers_{i}": ref["encoder"]["layers_shared"] for i in range(3)})
+    np.testing.assert_allclose(loom_outputs(unshared, copied, tokens, types)[0], outputs[0],
+                               atol=1e-5)
+    once = ModelConfig.create(**dict(ALBERT, n_layers=1))   # and not the block applied once
     assert np.abs(loom_outputs(once, ref, tokens, types)[0] - outputs[0]).max() > 0.1
 
     # the shared stack has one block of parameters but costs n_layers blocks of FLOPs
