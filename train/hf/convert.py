@@ -2,9 +2,10 @@
 the library behind `python -m train.export` (train/export.py).
 
 `export` writes what `transformers` loads offline (`AutoModelForCausalLM.from_pretrained(out)`
-or, for an encoder, `BertForPreTraining`; `AutoTokenizer.from_pretrained(out)`). The layout is
-the one the model's shape fits among its family's `hf_layouts` (train/families.py; the tables
-are train/hf/decoder.py: Llama, GPT-2; train/hf/bert.py: BERT), or an error naming the model
+or, for an encoder, `BertForPreTraining`, `AlbertForPreTraining` or `RobertaForMaskedLM`;
+`AutoTokenizer.from_pretrained(out)`). The layout is the one the model's shape fits among its
+family's `hf_layouts` (train/families.py; the tables are train/hf/decoder.py: Llama, GPT-2;
+train/hf/bert.py, albert.py, roberta.py: BERT, ALBERT, RoBERTa), or an error naming the model
 option that does not map. `import_hf` turns such a directory into a Loom run: the checkpoint's
 params as step 0 of an Orbax checkpoint with a fresh optimizer state, its sentencepiece
 vocabulary as the run's `tokenizer.model`, and the run's config (`config.json`, and `config.py`
