@@ -38,7 +38,8 @@ HELP = {
     "model.head_dim": "per-head width (K); 0 = d_model // n_heads",
     "model.n_layers": "transformer blocks",
     "model.d_ff": "MLP hidden width (F)",
-    "model.mlp": "swiglu | gelu | geglu (T5 v1.1 gated-gelu: gelu(x W0) * x W1) | relu (T5 1.0)",
+    "model.mlp": "swiglu | gelu (tanh approximation) | gelu_exact (erf: BERT's, RoBERTa's) | "
+                 "geglu (T5 v1.1 gated-gelu: gelu(x W0) * x W1) | relu (T5 1.0)",
     "model.norm": "rmsnorm | layernorm (pre-norm blocks unless model.post_norm)",
     "model.norm_eps": "epsilon of the norms",
     "model.pos": "rope | learned | sinusoidal | relative_bias (encoder_decoder: T5's bucketed "
@@ -73,6 +74,10 @@ HELP = {
                       "folded into the query's init)",
     "model.scale_decoder_output": "encoder_decoder: multiply the decoder output by "
                                   "d_model^-0.5 before the output projection (T5 1.0, tied)",
+    "model.embed_dim": "encoder (ALBERT): embeddings of this width E, projected up to d_model "
+                       "(the MLM head projects back to E); 0 = d_model, no projection",
+    "model.share_layers": "encoder (ALBERT): one block's parameters applied n_layers times "
+                          "(compute still n_layers blocks); with or without scan_layers, remat",
     "data.source": "python_stdlib (offline corpus) | text_files (data.paths) | tfds "
                    "(data.tfds_name) | task_files (labelled JSONL/CoNLL, data.paths) | stdlib_task "
                    "(data.task.derived)",
@@ -251,6 +256,7 @@ def get_config() -> ConfigDict:
     ))
     c.model.update(rel_buckets=32, rel_max_distance=128, qk_scale=True,   # T5 (model/relative.py)
                    scale_decoder_output=False)
+    c.model.update(embed_dim=0, share_layers=False)   # ALBERT (encoder family)
     c.data = ConfigDict(dict(
         source="python_stdlib", paths=(), tfds_name="", text_field="text", mixture=(),
         data_dir="", train_split="train", eval_split="validation", validation_percent=2.0,

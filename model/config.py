@@ -15,7 +15,7 @@ from errors import ModelConfigError
 # xlnet: two-stream permutation LM (model/xlnet.py).
 FAMILIES = ("decoder", "encoder", "encoder_decoder", "electra", "xlnet")
 CHOICES = {
-    "mlp": ("swiglu", "gelu", "geglu", "relu"),
+    "mlp": ("swiglu", "gelu", "gelu_exact", "geglu", "relu"),   # gelu: the tanh approximation
     "norm": ("rmsnorm", "layernorm"),
     "pos": ("rope", "learned", "sinusoidal", "relative_bias"),
     "remat": ("none", "full", "dots", "minimal"),
@@ -58,6 +58,9 @@ class ModelConfig:
     post_norm: bool  # post-LN blocks, norm(x + f(x)) (BERT, the original Transformer)
     n_decoder_layers: int  # encoder_decoder: decoder blocks (n_layers: encoder); 0 = same
     generator_scale: float  # electra: generator width / discriminator width
+    # ALBERT (encoder): factorised embeddings and cross-layer parameter sharing
+    embed_dim: int  # embeddings of this width projected up to d_model; 0 = d_model, no projection
+    share_layers: bool  # one block's parameters applied n_layers times
     # T5 as published (encoder_decoder): pos="relative_bias" buckets, no 1/sqrt(K) logit scale,
     # T5 1.0's d_model^-0.5 on the decoder output before a tied projection
     rel_buckets: int
@@ -82,7 +85,8 @@ class ModelConfig:
             if getattr(self, key) <= 0:
                 raise ModelConfigError(f"model.{key} must be positive, got {getattr(self, key)}")
         for key, zero in (("n_kv_heads", "n_heads"), ("head_dim", "d_model // n_heads"),
-                          ("type_vocab_size", "none"), ("n_decoder_layers", "n_layers")):
+                          ("type_vocab_size", "none"), ("n_decoder_layers", "n_layers"),
+                          ("embed_dim", "d_model, no projection")):
             if getattr(self, key) < 0:
                 raise ModelConfigError(f"model.{key} must be >= 0 (0 = {zero}), got "
                                        f"{getattr(self, key)}")
@@ -107,6 +111,11 @@ class ModelConfig:
         if not 0.0 < self.generator_scale <= 1.0:
             raise ModelConfigError(f"model.generator_scale must be in (0, 1], got "
                                    f"{self.generator_scale}")
+        for key in ("embed_dim", "share_layers"):
+            if getattr(self, key) and self.family != "encoder":
+                raise ModelConfigError(
+                    f"model.{key}={getattr(self, key)!r} (ALBERT) is for the encoder family, not "
+                    f"model.family={self.family!r}; leave it at its default")
         self._check_t5()
         if self.family == "electra":
             self.generator_config()  # the scaled generator must be a valid model too
@@ -171,6 +180,11 @@ class ModelConfig:
     def create(cls, **values: Any) -> "ModelConfig":
         """configs/base.py's model with `values` changed (vocab_size has no default: set it)."""
         return cls.from_mapping(values)
+
+    @property
+    def embed_width(self) -> int:
+        """Width E of the token, position and type embeddings (and of the tied MLM output)."""
+        return self.embed_dim or self.d_model
 
     @property
     def kv_heads(self) -> int:

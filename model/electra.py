@@ -13,7 +13,7 @@ import jax
 
 from model.config import ModelConfig
 from model.encoder import Embeddings, EncoderStack, MlmHead, default_positions
-from model.layers import constrain, dense
+from model.layers import constrain, dense, gelu
 
 
 class Generator(nn.Module):
@@ -42,7 +42,8 @@ class RtdHead(nn.Module):
     @nn.compact
     def __call__(self, h_BxTxD: jax.Array) -> jax.Array:
         cfg = self.cfg
-        h_BxTxD = nn.gelu(dense(cfg, cfg.d_model, ("embed", "embed_out"), name="transform")(h_BxTxD))
+        h_BxTxD = gelu(cfg, dense(cfg, cfg.d_model, ("embed", "embed_out"), name="transform")(
+            h_BxTxD))
         return dense(cfg, 1, ("embed", None), name="out")(h_BxTxD)[..., 0].astype("float32")
 
 

@@ -19,9 +19,9 @@ import jax.numpy as jnp
 from model.attention import Attention
 from model.config import ModelConfig
 from model.decoder import residual_std
+from model.layers import (Mlp, PositionEmbedding, constrain, dense, gelu, norm, prepend_prompt,
+                          stack, token_embedding)
 from model.relative import RelativeBias
-from model.layers import (Mlp, PositionEmbedding, constrain, dense, norm, prepend_prompt, stack,
-                          token_embedding)
 
 
 def default_positions(tokens_BxT: jax.Array) -> jax.Array:
@@ -72,20 +72,25 @@ class EncoderStack(nn.Module):
 
 
 class Embeddings(nn.Module):
-    """norm(token + position + token type), then dropout; `attend` is the tied output projection."""
+    """norm(token + position + token type), then dropout; `attend` is the tied output projection.
+    With `model.embed_dim` (ALBERT) they are E wide and a dense layer ("proj") maps them up to
+    d_model."""
     cfg: ModelConfig
 
     def setup(self):
         cfg = self.cfg
-        self.embed = token_embedding(cfg)
-        self.pos = PositionEmbedding(cfg)
+        width = cfg.embed_width
+        self.embed = token_embedding(cfg, features=width)
+        self.pos = PositionEmbedding(cfg, width)
         if cfg.type_vocab_size:
             self.type_embed = nn.Embed(
-                cfg.type_vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
+                cfg.type_vocab_size, width, dtype=cfg.compute_dtype,
                 param_dtype=cfg.weights_dtype, embedding_init=nn.with_logical_partitioning(
                     nn.initializers.normal(cfg.init_std), ("type_vocab", "embed")))
         self.norm = norm(cfg)
         self.drop = nn.Dropout(cfg.dropout)
+        if cfg.embed_dim:   # E x D: the input side is replicated like other small head sides
+            self.proj = dense(cfg, cfg.d_model, ("embed_out", "embed"), name="proj")
 
     def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array,
                  type_ids_BxT: jax.Array | None, *, train: bool = False) -> jax.Array:
@@ -95,6 +100,8 @@ class Embeddings(nn.Module):
                 type_ids_BxT = jnp.zeros_like(tokens_BxT)
             x_BxTxD = x_BxTxD + self.type_embed(type_ids_BxT)
         x_BxTxD = self.drop(self.norm(x_BxTxD), deterministic=not train)
+        if self.cfg.embed_dim:
+            x_BxTxD = self.proj(x_BxTxD)   # x_BxTxE -> x_BxTxD
         return constrain(x_BxTxD, ("batch", "seq", "act_embed"))
 
     def attend(self, x_BxTxD: jax.Array) -> jax.Array:
@@ -111,7 +118,7 @@ class MlmHead(nn.Module):
     def __call__(self, h_BxTxD: jax.Array, embeddings: Embeddings) -> jax.Array:
         cfg = self.cfg
         h_BxTxE = dense(cfg, self.embed_width, ("embed", "embed_out"), name="transform")(h_BxTxD)
-        h_BxTxE = norm(cfg, "norm")(nn.gelu(h_BxTxE))
+        h_BxTxE = norm(cfg, "norm")(gelu(cfg, h_BxTxE))
         if cfg.tie_embeddings:
             logits_BxTxV = embeddings.attend(h_BxTxE)
         else:
@@ -148,7 +155,7 @@ class EncoderLM(nn.Module):
     def setup(self):
         self.embeddings = Embeddings(self.cfg)
         self.encoder = EncoderStack(self.cfg)
-        self.mlm_head = MlmHead(self.cfg, self.cfg.d_model)
+        self.mlm_head = MlmHead(self.cfg, self.cfg.embed_width)
         self.pair_head = PairHead(self.cfg)
 
     def encode(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,

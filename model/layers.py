@@ -127,9 +127,10 @@ def residual(cfg: ModelConfig, x: jax.Array, sublayer, norm_layer: nn.Module,
     return x + drop(sublayer(norm_layer(x)))
 
 
-def token_embedding(cfg: ModelConfig, name: str = "embed") -> nn.Embed:
+def token_embedding(cfg: ModelConfig, name: str = "embed", features: int = 0) -> nn.Embed:
+    """The token table, `features` wide (0 = d_model; ALBERT's factorised embeddings: E)."""
     return nn.Embed(
-        num_embeddings=cfg.vocab_size, features=cfg.d_model,
+        num_embeddings=cfg.vocab_size, features=features or cfg.d_model,
         dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype,
         embedding_init=nn.with_logical_partitioning(
             nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
@@ -182,22 +183,31 @@ def rope(x_BxTxNxK: jax.Array, positions_BxT: jax.Array | Rotary, theta: float) 
 
 
 class PositionEmbedding(nn.Module):
-    """Adds absolute positions (learned or sinusoidal); identity for RoPE models."""
+    """Adds absolute positions (learned or sinusoidal); identity for RoPE models. `features`:
+    the width of x (0 = d_model)."""
     cfg: ModelConfig
+    features: int = 0
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array) -> jax.Array:
         cfg = self.cfg
+        width = self.features or cfg.d_model
         if cfg.pos == "learned":
             table = nn.Embed(
-                cfg.max_len, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype,
+                cfg.max_len, width, dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype,
                 embedding_init=nn.with_logical_partitioning(
                     nn.initializers.normal(cfg.init_std), ("pos", "embed")),
                 name="table")
             return x_BxTxD + table(positions_BxT)
         if cfg.pos == "sinusoidal":
-            return x_BxTxD + sinusoidal(positions_BxT, cfg.d_model, cfg.compute_dtype)
+            return x_BxTxD + sinusoidal(positions_BxT, width, cfg.compute_dtype)
         return x_BxTxD
+
+
+def gelu(cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """GELU of the GELU MLPs and the heads: the tanh approximation, or the exact (erf) one with
+    model.mlp='gelu_exact' (BERT's and RoBERTa's original)."""
+    return nn.gelu(x, approximate=cfg.mlp != "gelu_exact")
 
 
 class Mlp(nn.Module):
@@ -209,7 +219,8 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         cfg = self.cfg
-        act = {"swiglu": nn.silu, "geglu": nn.gelu, "gelu": nn.gelu, "relu": nn.relu}[cfg.mlp]
+        act = {"swiglu": nn.silu, "geglu": nn.gelu, "gelu": nn.gelu, "relu": nn.relu,
+               "gelu_exact": lambda x: nn.gelu(x, approximate=False)}[cfg.mlp]
         if cfg.mlp in ("swiglu", "geglu"):
             gate_BxTxF, up_BxTxF = dense(cfg, (2, cfg.d_ff), ("embed", None, "mlp"), name="wi",
                                          split=True)(x_BxTxD)
@@ -261,10 +272,13 @@ def stack(cfg: ModelConfig, block: type[nn.Module], n: int, x: jax.Array, *args,
     Call it from a compact method. With `model.scan_layers` the blocks are one `nn.scan`, so
     compile time does not grow with depth and parameters gain a leading "layers" axis; otherwise
     they are unrolled as `{name}_0 .. {name}_{n-1}`. `model.remat` picks what the backward pass
-    recomputes instead of storing.
+    recomputes instead of storing. With `model.share_layers` (ALBERT) one block `{name}_shared`
+    is applied `n` times, scanned or unrolled: its parameters have no "layers" axis.
     """
     if cfg.remat != "none":
         block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.share_layers:
+        return _shared_stack(cfg, block, n, x, *args, name=f"{name}_shared", **block_attrs)
     if cfg.scan_layers:
         scanned = nn.scan(
             block, variable_axes={"params": 0, "cache": 0},
@@ -275,4 +289,20 @@ def stack(cfg: ModelConfig, block: type[nn.Module], n: int, x: jax.Array, *args,
         return x
     for i in range(n):
         x, _ = block(cfg, name=f"{name}_{i}", **block_attrs)(x, *args)
+    return x
+
+
+def _shared_stack(cfg: ModelConfig, block: type[nn.Module], n: int, x: jax.Array, *args,
+                  name: str, **block_attrs) -> jax.Array:
+    """ALBERT's cross-layer sharing: one block's parameters, applied `n` times (dropout draws
+    fresh masks at each application)."""
+    if cfg.scan_layers:
+        scanned = nn.scan(
+            block, variable_broadcast="params", split_rngs={"params": False, "dropout": True},
+            in_axes=(nn.broadcast,) * len(args), length=n)
+        x, _ = scanned(cfg, name=name, **block_attrs)(x, *args)
+        return x
+    layer = block(cfg, name=name, **block_attrs)
+    for _ in range(n):
+        x, _ = layer(x, *args)
     return x

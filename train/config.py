@@ -164,6 +164,11 @@ def _check_finetune(cfg: ConfigDict) -> None:
     _check(ft.mode == "full" or not (ft.unfreeze_after or ft.unfreeze_every),
            "finetune.unfreeze_after/unfreeze_every start frozen and unfreeze by themselves; "
            "leave finetune.mode=full")
+    # ALBERT (model.share_layers): one block is every layer, so it has no depth of its own
+    _check(not cfg.model.share_layers or (ft.layer_lr_decay == 1 and not ft.unfreeze_every),
+           f"finetune.layer_lr_decay={ft.layer_lr_decay} / finetune.unfreeze_every="
+           f"{ft.unfreeze_every} work block by block, but model.share_layers=True has one block "
+           "for all layers; set layer_lr_decay=1 and unfreeze_every=0")
     allowed = TASK_METRICS.get(objective, ("loss",))
     _check(not ft.metric or ft.metric in allowed,
            f"finetune.metric={ft.metric!r} is not a metric of train.objective={objective}; "

@@ -1,7 +1,7 @@
 """python -m train.export: Loom checkpoints <-> Hugging Face model directories.
 
     python -m train.export to-hf --workdir runs/q --out runs/q-hf [--step latest|best|N]
-        [--layout llama|gpt2|bert|t5] [--peft-adapter DIR]
+        [--layout llama|gpt2|bert|roberta|albert|t5] [--peft-adapter DIR]
     python -m train.export from-hf --hf runs/q-hf --workdir runs/q2 [--config FILE]
         [--config.KEY=VALUE ...]
 
@@ -29,7 +29,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     to.add_argument("--step", default="latest", help="latest | best | a step number")
     to.add_argument("--out", required=True, help="new directory for the Hugging Face model")
     to.add_argument("--layout", help="Hugging Face architecture, one of the family's layouts "
-                    "(train/families.py: llama, gpt2, bert, t5); default: the one the model fits")
+                    "(train/families.py: llama, gpt2, bert, roberta, albert, t5); default: the one "
+                    "the model fits")
     to.add_argument("--peft-adapter", metavar="DIR", help="a decoder LoRA run: write the "
                     "frozen backbone to --out and the adapters to DIR in PEFT's format "
                     "(adapter_config.json + adapter_model.safetensors); default: merged")

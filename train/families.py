@@ -35,7 +35,8 @@ from model.heads import TaskModel
 from model.xlnet import XLNetLM
 from train import objectives as losses, synthetic
 from train.decoding import steppers
-from train.hf import bert as hf_bert, decoder as hf_decoder, t5 as hf_t5
+from train.hf import albert as hf_albert, bert as hf_bert, decoder as hf_decoder, \
+    roberta as hf_roberta, t5 as hf_t5
 from train.hf.layout import Layout
 
 # How a family writes text: "continue" a prompt ([BOS] + prompt, decoder-only), "encode" it
@@ -90,6 +91,16 @@ def _attention(layers: int, cfg: ModelConfig, context: int) -> float:
 
 def _stack_flops(cfg: ModelConfig, n_params: int, seq_len: int, _decoder_len=None) -> float:
     return 6.0 * n_params + _attention(cfg.n_layers, cfg, seq_len)
+
+
+def _encoder_flops(cfg: ModelConfig, n_params: int, seq_len: int, _decoder_len=None) -> float:
+    """ALBERT's shared block (model.share_layers) is one set of parameters doing n_layers
+    blocks' work: it counts n_layers times. (A factorised embedding's projection is in N.)"""
+    if not cfg.share_layers:
+        return _stack_flops(cfg, n_params, seq_len)
+    shapes = jax.eval_shape(lambda: build(cfg).init(jax.random.PRNGKey(0), *init_inputs(cfg)))
+    n_block = sum(x.size for x in jax.tree.leaves(shapes["params"]["encoder"]["layers_shared"]))
+    return _stack_flops(cfg, n_params + (cfg.n_layers - 1) * n_block, seq_len)
 
 
 def _electra_flops(cfg: ModelConfig, n_params: int, seq_len: int, _decoder_len=None) -> float:
@@ -162,7 +173,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("decoder", DecoderLM, n_inputs=1, flops=_stack_flops, prompting="continue",
            stepper=steppers.decoder_stepper, hf_layouts=(hf_decoder.LLAMA, hf_decoder.GPT2),
            features=_decoder_features, pooling="last", task_layout="causal"),
-    Family("encoder", EncoderLM, n_inputs=1, flops=_stack_flops, hf_layouts=(hf_bert.BERT,),
+    Family("encoder", EncoderLM, n_inputs=1, flops=_encoder_flops,
+           hf_layouts=(hf_bert.BERT, hf_roberta.ROBERTA, hf_albert.ALBERT),
            features=_encoder_features, pooling="first", task_layout="cls"),
     Family("electra", ElectraLM, n_inputs=1, flops=_electra_flops,
            features=_encoder_features, pooling="first", task_layout="cls"),

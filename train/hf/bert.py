@@ -22,7 +22,8 @@ from train.hf.layout import Layout, Tensor, flat, linear, require, require_plain
 
 def _check(cfg: ModelConfig) -> None:
     require(cfg, "bert", "encoder", dict(post_norm=True, norm="layernorm", mlp="gelu",
-                                         pos="learned", use_bias=True),
+                                         pos="learned", use_bias=True, embed_dim=0,
+                                         share_layers=False),
             " (BERT's blocks are post-LN with layernorm, gelu, learned positions and biases)")
     require_plain_heads(cfg, "bert")
     if cfg.type_vocab_size < 1:
@@ -67,13 +68,14 @@ def _tensors(cfg: ModelConfig) -> list[Tensor]:
                       _output_biases()]
 
 
-def _output_biases() -> Tensor:
+def _output_biases(decoder: str = "cls.predictions.decoder.bias",
+                   own: str = "cls.predictions.bias") -> Tensor:
     """An untied Loom MLM head adds two biases (its output layer's and its own per-token one);
     an untied BERT adds its output layer's (`decoder.bias`; `predictions.bias` is tied to it
     only when the embeddings are). Export their sum to both, import it as the per-token bias
     with a zero output-layer bias: the same outputs, the biases come back summed."""
     return Tensor(("mlm_head/bias", "mlm_head/out/bias"),
-                  ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+                  (decoder, own),
                   lambda xs: [xs[0] + xs[1]] * 2,
                   lambda ws, shapes: [ws[0].reshape(shapes[0]), np.zeros(shapes[1], ws[0].dtype)])
 

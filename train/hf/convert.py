@@ -2,9 +2,11 @@
 the library behind `python -m train.export` (train/export.py).
 
 `export` writes what `transformers` loads offline (`AutoModelForCausalLM.from_pretrained(out)`
-or, for an encoder, `BertForPreTraining`; `AutoTokenizer.from_pretrained(out)`). The layout is
-the one the model's shape fits among its family's `hf_layouts` (train/families.py; the tables
-are train/hf/decoder.py: Llama, GPT-2; train/hf/bert.py: BERT; train/hf/t5.py: T5), or an error naming the model
+or, for an encoder, `BertForPreTraining`, `AlbertForPreTraining` or `RobertaForMaskedLM`;
+`AutoTokenizer.from_pretrained(out)`). The layout is the one the model's shape fits among its
+family's `hf_layouts` (train/families.py; the tables are train/hf/decoder.py: Llama, GPT-2;
+train/hf/bert.py, albert.py, roberta.py: BERT, ALBERT, RoBERTa; train/hf/t5.py: T5), or an
+error naming the model
 option that does not map. `import_hf` turns such a directory into a Loom run: the checkpoint's
 params as step 0 of an Orbax checkpoint with a fresh optimizer state, its sentencepiece
 vocabulary as the run's `tokenizer.model`, and the run's config (`config.json`, and `config.py`
@@ -31,7 +33,7 @@ from model.sharding import activate
 from train import families, state as state_lib
 from train.checkpoint import Checkpointer
 from train.config import validate
-from train.hf import bert as hf_bert, tokenizer as hf_tokenizer
+from train.hf import tokenizer as hf_tokenizer
 from train.hf.layout import Layout, flat_unrolled, nest, to_hf, to_loom
 from train.restore import restore, saved_config
 from train.setup import build
@@ -92,7 +94,7 @@ def write_hf(out: str | Path, params: Any, cfg: ModelConfig, tokenizer: Tokenize
     (staging / HF_CONFIG).write_text(json.dumps(layout.hf_config(cfg), indent=2))
     (staging / GENERATION_CONFIG).write_text(json.dumps(
         dict(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD), indent=2))
-    hf_tokenizer.write(tokenizer, staging, cfg.max_len, bert=layout is hf_bert.BERT,
+    hf_tokenizer.write(tokenizer, staging, cfg.max_len, bert=layout.family == "encoder",
                        eos=layout.family == "encoder_decoder")
     if out.exists():
         out.rmdir()
