@@ -41,7 +41,8 @@ def loom_outputs(cfg, params, tokens, types):
 def hf_outputs(hf_model, tokens, types):
     with torch.no_grad():
         out = hf_model.float()(input_ids=torch.tensor(tokens), token_type_ids=torch.tensor(types))
-    return out.prediction_logits.numpy(), out.seq_relationship_logits.numpy()
+    # Hugging Face's NSP class 0 is Loom's class 1 ("B follows A"): compare in Loom's order
+    return out.prediction_logits.numpy(), out.seq_relationship_logits.numpy()[..., ::-1]
 
 
 def bert_config(**model):

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from data.tokenizer import PAD
 from errors import ConversionError, ModelConfigError
 from model.config import ModelConfig
-from train.hf.bert import _dense, _norm
+from train.hf.bert import _dense, _norm, pair_classifier
 from train.hf.layout import Layout, Tensor, require, require_plain_heads, same, unsupported
 
 
@@ -58,7 +58,7 @@ def _tensors(cfg: ModelConfig) -> list[Tensor]:
     for g, loom in enumerate(groups):
         tensors += _block(loom, f"albert.encoder.albert_layer_groups.{g}.albert_layers.0.")
     return tensors + [*_dense("pair_head/pooler", "albert.pooler"),
-                      *_dense("pair_head/out", "sop_classifier.classifier"),
+                      *pair_classifier("pair_head/out", "sop_classifier.classifier"),
                       *_dense("mlm_head/transform", "predictions.dense"),
                       *_norm("mlm_head/norm", "predictions.LayerNorm"),
                       same("mlm_head/bias", "predictions.bias")]

@@ -39,6 +39,19 @@ def _dense(loom: str, hf: str, in_axes: int = 1) -> list[Tensor]:
     return [linear(loom + "/kernel", hf + ".weight", in_axes), flat(loom + "/bias", hf + ".bias")]
 
 
+def _flipped(t: Tensor) -> Tensor:
+    """`t` with its last (output) axis reversed between Loom and Hugging Face."""
+    return Tensor(t.loom, t.hf, lambda xs: t.to_hf([x[..., ::-1] for x in xs]),
+                  lambda ws, shapes: [x[..., ::-1] for x in t.to_loom(ws, shapes)], t.optional)
+
+
+def pair_classifier(loom: str, hf: str) -> list[Tensor]:
+    """The 2-way sentence-pair classifier. Loom's class 1 is "B follows A" (NSP) / "in order"
+    (SOP), Hugging Face's class 0 (`next_sentence_label` / `sentence_order_label` 0), so the
+    two output columns swap: the exported head gives transformers' labels their meaning."""
+    return [_flipped(t) for t in _dense(loom, hf)]
+
+
 def _tensors(cfg: ModelConfig) -> list[Tensor]:
     tensors = [same("embeddings/embed/embedding", "bert.embeddings.word_embeddings.weight"),
                same("embeddings/pos/table/embedding",
@@ -59,7 +72,7 @@ def _tensors(cfg: ModelConfig) -> list[Tensor]:
             *_norm(loom + "mlp_norm", hf + "output.LayerNorm"),
         ]
     tensors += [*_dense("pair_head/pooler", "bert.pooler.dense"),
-                *_dense("pair_head/out", "cls.seq_relationship"),
+                *pair_classifier("pair_head/out", "cls.seq_relationship"),
                 *_dense("mlm_head/transform", "cls.predictions.transform.dense"),
                 *_norm("mlm_head/norm", "cls.predictions.transform.LayerNorm")]
     if cfg.tie_embeddings:
