@@ -174,6 +174,15 @@ HELP = {
                          "before the run stops; 0 = off",
     "finetune.eval_examples": "examples scored for the task metrics at each eval; 0 = all",
     "finetune.max_new_tokens": "text2text: tokens generated per example when scoring",
+    # knowledge distillation (train/distill/)
+    "distill.teacher": "teacher run to distil from: a Loom run dir (latest), DIR@best or "
+                       "DIR@STEP, trained with the same train.objective and vocabulary; its "
+                       "params are restored frozen onto this run's mesh; '' = no distillation",
+    "distill.alpha": "weight of the soft loss T^2 * KL(teacher || student) at temperature T; "
+                     "the hard-label loss gets 1 - alpha",
+    "distill.temperature": "temperature T that softens both distributions of the soft loss",
+    "distill.teacher_checkpoint": "set when the run starts: the teacher's checkpoint as "
+                                  "ABSOLUTE_DIR@STEP (a resumed run must find the same one)",
     "ckpt.every": "steps between checkpoints; 0 = only at the end",
     "ckpt.keep": "most recent checkpoints kept",
     "ckpt.keep_best": "checkpoints with the lowest eval loss kept besides those",
@@ -226,5 +235,6 @@ def get_config() -> ConfigDict:
         layer_lr_decay=1.0, head_dropout=0.1, metric="", patience=0, eval_examples=0,
         max_new_tokens=32,
     ))
+    c.distill = ConfigDict(dict(teacher="", alpha=0.5, temperature=2.0, teacher_checkpoint=""))
     c.ckpt = ConfigDict(dict(every=1000, keep=3, keep_best=1, async_save=True))
     return c

@@ -41,12 +41,19 @@ class Setup:
     def objective(self) -> families.Objective:
         return families.objective(self.config.train.objective)
 
-    def train_step(self):
-        return in_step(step_lib.jit_train_step(
-            self.state_shardings, self.batch_sharding, objective=self.objective.loss,
+    def train_step(self, teacher: step_lib.Teacher | None = None):
+        """The jitted `step(state, batch)`; with a distillation `teacher`, its loss and its
+        params (bound here as the step's third argument)."""
+        step = in_step(step_lib.jit_train_step(
+            self.state_shardings, self.batch_sharding,
+            None if teacher is None else teacher.shardings,
+            objective=self.objective.loss if teacher is None else teacher.loss,
             model=self.model, tx=self.tx, lr_schedule=self.lr_schedule,
             grad_accum=self.config.opt.grad_accum, z_loss=self.config.train.z_loss,
             skip_nonfinite=self.config.train.get("nonfinite") == "skip"), "train")
+        if teacher is None:
+            return step
+        return lambda state, batch: step(state, batch, teacher.params)
 
     def eval_step(self):
         return in_step(step_lib.jit_eval_step(
@@ -85,21 +92,26 @@ def build(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Se
     if jax.process_count() > 1:
         check_process_rows(mesh, rules)
     model_cfg = ModelConfig.from_mapping(config.model)
+    model = module(config, model_cfg)
+    tx, lr_schedule = optimizer.make(config.opt, config.train.steps, config.finetune)
+    with activate(mesh, rules):
+        shardings = state_lib.shardings(model, model_cfg, tx, mesh, rules)
+    return Setup(config, model_cfg, model, mesh, rules, tx, lr_schedule, shardings,
+                 batch_sharding(mesh, rules))
+
+
+def module(config: ConfigDict, model_cfg: ModelConfig) -> nn.Module:
+    """The module `config` trains: its family's, under a task head, wrapped for LoRA."""
     # labels are resolved from the train split when a run starts (train/finetune/backbone.py);
     # unresolved (benchmarks, shape checks) the head fits the synthetic batches' labels
     n_labels = len(config.data.task.labels) or synthetic.N_SYNTHETIC_LABELS
     ft = config.finetune
     model = families.build_for(model_cfg, config.train.objective, n_labels, ft.head_dropout,
                                ft.prompt_length if ft.mode == "prompt" else 0)
-    if config.finetune.mode == "lora":
-        model = lora.LoraModel(model, config.finetune.lora_rank, config.finetune.lora_alpha,
-                               tuple(config.finetune.lora_targets),
-                               config.finetune.lora_dropout)
-    tx, lr_schedule = optimizer.make(config.opt, config.train.steps, config.finetune)
-    with activate(mesh, rules):
-        shardings = state_lib.shardings(model, model_cfg, tx, mesh, rules)
-    return Setup(config, model_cfg, model, mesh, rules, tx, lr_schedule, shardings,
-                 batch_sharding(mesh, rules))
+    if ft.mode == "lora":
+        model = lora.LoraModel(model, ft.lora_rank, ft.lora_alpha, tuple(ft.lora_targets),
+                               ft.lora_dropout)
+    return model
 
 
 def with_vocab(config: ConfigDict, tokenizer: Tokenizer) -> ConfigDict:
