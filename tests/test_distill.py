@@ -2,6 +2,7 @@
 one-device step, a real teacher run restored frozen under a smaller student (CLI end to end,
 exact resume, a changed teacher refused) and bad input."""
 import json
+import os
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
+from configs.loader import apply_overrides, load
 from conftest import CORPUS_DOCS
 from errors import CheckpointError, ConfigError
 from model.config import ModelConfig
@@ -22,6 +24,7 @@ from train.loop import read_metrics, train
 from train.restore import restore
 from train.setup import build
 
+PRESET = "configs/distill_quickstart.py"
 STUDENT = dict(d_model=16, n_heads=2, n_kv_heads=2, n_layers=1, d_ff=32)
 
 
@@ -130,47 +133,42 @@ def test_sharded_distillation_step_equals_the_one_device_step(config, teacher):
 
 
 def test_distil_a_decoder_on_the_cli_then_resume_exactly_and_refuse_another_teacher(
-        config, teacher, data_dir, tmp_path):
-    student = tmp_path / "cli"
+        teacher, data_dir, tmp_path):
     overrides = dict(
         **{f"model.{k}": v for k, v in STUDENT.items()}, **{"model.max_len": 64},
         **{"data.data_dir": data_dir, "data.max_docs": CORPUS_DOCS,
            "data.validation_percent": 10.0, "data.seq_len": 32, "data.batch_size": 8,
            "data.interleave": 8, "data.shuffle_window": 64, "opt.lr": 3e-3,
            "opt.warmup_steps": 2, "train.steps": 12, "train.log_every": 1, "eval.every": 6,
-           "eval.steps": 2, "eval.sample_prompt": "", "ckpt.every": 6,
+           "eval.steps": 2, "eval.sample_tokens": 8, "ckpt.every": 6,
            "ckpt.async_save": False, "distill.teacher": f"{teacher}@best"})
-    proc = subprocess.run([sys.executable, "-m", "train", "--config",
-                           "configs/distill_quickstart.py", "--workdir", str(student),
-                           "--no-progress", *(f"--config.{k}={v}" for k, v in overrides.items())],
-                          capture_output=True, text=True)
+    args = [f"--config.{k}={v}" for k, v in overrides.items()]
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")   # shared with this process
+    proc = subprocess.run([sys.executable, "-m", "train", "--config", PRESET, "--workdir",
+                           str(tmp_path / "cli"), "--no-progress", *args],
+                          capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"distill: teacher {teacher.resolve()}@8 (decoder" in proc.stdout + proc.stderr
-    steps = [r for r in read_metrics(student) if "distill_kl" in r]
-    assert len(steps) == 12
-    first, last = np.mean([r["distill_kl"] for r in steps[:3]]), \
-        np.mean([r["distill_kl"] for r in steps[-3:]])
+    records = read_metrics(tmp_path / "cli")
+    steps = [r for r in records if "distill_kl" in r]
+    assert len(steps) == 12 and any(r.get("split") == "eval" for r in records)
+    first, last = (np.mean([r["distill_kl"] for r in part]) for part in (steps[:3], steps[-3:]))
     assert last < 0.8 * first, (first, last)             # the student moves to the teacher
     assert steps[-1]["loss"] < steps[0]["loss"]
-    assert any("eval/loss" in r for r in read_metrics(student))
-    # the checkpoint holds the student alone (its shape, its optimizer state), the vocabulary
-    # is the teacher's, and train.eval/generate/export restore it like any run
-    run = restore(student)
+    # the checkpoint holds the student alone, and restores like any run's (train.eval,
+    # generate, export); its vocabulary is the teacher's
+    run = restore(tmp_path / "cli")
     assert run.setup.model_cfg.d_model == 16
     assert run.config.data.tokenizer.fingerprint == json.loads(
         (teacher / "config.json").read_text())["data"]["tokenizer"]["fingerprint"]
-    n_student = state_lib.param_count(run.params)
-    assert n_student < state_lib.param_count(restore(teacher).params) / 2
-    # resume is exact (the teacher restored again), in-process like a restarted job
-    _student(config, f"{teacher}@best")
-    config.update_from_flattened_dict({k: v for k, v in overrides.items()
-                                       if not k.startswith("model.")
-                                       and k != "data.data_dir"})
-    train(config, tmp_path / "straight", progress=False)
+    assert state_lib.param_count(run.params) < state_lib.param_count(restore(teacher).params) / 2
+    # stopped after step 6 and resumed (the teacher restored again): the CLI run's params
+    config = apply_overrides(load(PRESET), args)
     train(config, tmp_path / "resumed", progress=False, stop_after=6)
     train(config, tmp_path / "resumed", progress=False)
-    a, b = (jax.device_get(restore(tmp_path / d).params) for d in ("straight", "resumed"))
-    assert jax.tree.all(jax.tree.map(np.array_equal, a, b))
+    resumed = jax.device_get(restore(tmp_path / "resumed").params)
+    assert jax.tree.all(jax.tree.map(np.array_equal, jax.device_get(run.params), resumed))
     # another teacher checkpoint on resume is refused, naming the key
     config.distill.teacher = f"{teacher}@4"
     config.train.steps = 14
