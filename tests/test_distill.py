@@ -76,12 +76,16 @@ def test_distillation_loss_equals_a_hand_computed_kl(objective, family, weights)
         tp["head"]["out"]["kernel"] = tp["head"]["out"]["kernel"] * 300.0
     alpha, t = 0.3, 2.5
     rng = jax.random.PRNGKey(0)
-    loss = jax.jit(lambda p, t_p: distilled(o.loss, teach, alpha, t)(
-        student, p, batch, rng=rng, train=False, teacher=t_p))
-    total, sums = loss(sp, tp)
-    outputs = jax.device_get(jax.jit(lambda p, t_p: (
-        o.loss.forward(student, p, batch, rng=rng, train=False),
-        o.loss.forward(teach, t_p, batch, rng=rng, train=False)))(sp, tp))
+
+    @jax.jit   # one program: the loss, its gradient in the teacher's params, both forward passes
+    def run(p, t_p):
+        loss = lambda t_p: distilled(o.loss, teach, alpha, t)(   # noqa: E731
+            student, p, batch, rng=rng, train=False, teacher=t_p)
+        (total, sums), teacher_grads = jax.value_and_grad(loss, has_aux=True)(t_p)
+        return total, sums, teacher_grads, tuple(
+            o.loss.forward(m, q, batch, rng=rng, train=False) for m, q in ((student, p),
+                                                                          (teach, t_p)))
+    total, sums, grads, outputs = jax.device_get(run(sp, tp))
     s, te = (np.asarray(out["mlm_logits"] if isinstance(out, dict) else out, np.float64)
              for out in outputs)
     w = batch[weights].reshape(s.shape[:-1]).astype(np.float64)
@@ -100,7 +104,6 @@ def test_distillation_loss_equals_a_hand_computed_kl(objective, family, weights)
     np.testing.assert_allclose(float(total), alpha * t ** 2 * kl + (1 - alpha) * hard, rtol=1e-4)
     assert float(sums["weight"]) == w.sum() and kl > 0
     # no gradient reaches the teacher
-    grads = jax.jit(jax.grad(lambda t_p: loss(sp, t_p)[0]))(tp)
     assert all(not np.any(g) for g in jax.tree.leaves(grads))
 
 
