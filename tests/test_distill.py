@@ -194,6 +194,9 @@ def test_bad_distillation_input_is_one_clear_error_and_writes_nothing(config, te
     _student(config, str(tmp_path))                       # not a run
     with pytest.raises(CheckpointError, match="is not a Loom run directory"):
         train(config, tmp_path / "b", progress=False)
+    _student(config, f"{teacher}@999")
+    with pytest.raises(CheckpointError, match=r"distill.teacher=.*@999: no checkpoint at step"):
+        train(config, tmp_path / "b", progress=False)
     _student(config, str(teacher))
     config.train.objective, config.model.family = "mlm", "encoder"
     config.eval.sample_prompt = ""

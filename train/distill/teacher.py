@@ -46,7 +46,10 @@ def resolve(config: ConfigDict) -> ConfigDict:
     if not (run / "checkpoints").is_dir():
         raise CheckpointError(f"distill.teacher={spec}: {run} is not a Loom run directory (no "
                               "checkpoints/); point it at the teacher's training --workdir")
-    saved, resolved = saved_config(run, step)
+    try:
+        saved, resolved = saved_config(run, step)
+    except CheckpointError as e:
+        raise CheckpointError(f"distill.teacher={spec}: {e}") from e
     if saved.train.objective != objective:
         raise ConfigError(f"distill.teacher={spec} was trained with train.objective="
                           f"{saved.train.objective}, this run with {objective}; a teacher "
