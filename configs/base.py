@@ -220,6 +220,15 @@ HELP = {
     "quant.calibration_batches": "ptq with int8 activations: 0 = per-token scales computed at "
                                  "run time; N = one static scale per projection (and block), "
                                  "the input absmax over N train batches at quantization",
+    # knowledge distillation (train/distill/)
+    "distill.teacher": "teacher run to distil from: a Loom run dir (latest), DIR@best or "
+                       "DIR@STEP, trained with the same train.objective and vocabulary; its "
+                       "params are restored frozen onto this run's mesh; '' = no distillation",
+    "distill.alpha": "weight of the soft loss T^2 * KL(teacher || student) at temperature T; "
+                     "the hard-label loss gets 1 - alpha",
+    "distill.temperature": "temperature T that softens both distributions of the soft loss",
+    "distill.teacher_checkpoint": "set when the run starts: the teacher's checkpoint as "
+                                  "ABSOLUTE_DIR@STEP (a resumed run must find the same one)",
     "ckpt.every": "steps between checkpoints; 0 = only at the end",
     "ckpt.keep": "most recent checkpoints kept",
     "ckpt.keep_best": "checkpoints with the lowest eval loss kept besides those",
@@ -296,6 +305,7 @@ def get_config() -> ConfigDict:
     ))
     c.quant = ConfigDict(dict(mode="none", weights="int8", activations="",
                               calibration_batches=0))
+    c.distill = ConfigDict(dict(teacher="", alpha=0.5, temperature=2.0, teacher_checkpoint=""))
     c.ckpt = ConfigDict(dict(every=1000, keep=3, keep_best=1, async_save=True))
     c.prune = ConfigDict(dict(target=0.0, pattern="unstructured", scope="layer", start=0, end=0,
                               every=100))

@@ -17,6 +17,7 @@ from errors import ConfigError, MeshError
 from model.config import ModelConfig
 from model.sharding import MESH_AXES, batch_divisor, mesh_shape, rules_from_config
 from train import families, pruning
+from train.objectives import Split
 
 SCHEDULES = ("cosine", "linear", "constant")
 NONFINITE = ("halt", "skip")
@@ -99,6 +100,7 @@ def validate(cfg: ConfigDict, devices: Sequence[jax.Device] | None = None) -> No
     _check_finetune(cfg)
     pruning.check(cfg.prune, model)
     _check_quant(cfg)
+    _check_distill(cfg)
     _check_mesh(cfg, devices)
 
 
@@ -181,6 +183,22 @@ def _check_finetune(cfg: ConfigDict) -> None:
            f"finetune.unfreeze_every={ft.unfreeze_every}: freezing trains a head on a frozen "
            f"backbone, but train.objective={objective} has no head (the whole model writes "
            "the text); use finetune.mode=full, unfreezing 0 (layer_lr_decay still applies)")
+
+
+def _check_distill(cfg: ConfigDict) -> None:
+    """The distill.* keys (train/distill/ reads them)."""
+    kd = cfg.distill
+    _check(0 <= kd.alpha <= 1, f"distill.alpha must be in [0, 1] (the soft loss's share), got "
+           f"{kd.alpha}")
+    _check(kd.temperature > 0, f"distill.temperature must be positive, got {kd.temperature}")
+    if not kd.teacher:
+        return
+    objective = cfg.train.objective
+    distillable = [o for o in (*families.OBJECTIVES, *families.TASKS)
+                   if isinstance(families.objective(o).loss, Split)]
+    _check(isinstance(families.objective(objective).loss, Split),
+           f"distill.teacher is set, but train.objective={objective} has no single predicted "
+           f"distribution to distil; distillation works for {', '.join(distillable)}")
 
 
 def _check_lengths(cfg: ConfigDict, model: ModelConfig) -> None:

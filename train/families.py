@@ -252,10 +252,15 @@ def objectives_of(family_name: str) -> tuple[str, ...]:
 def loss(config: ConfigDict) -> losses.Objective:
     """`train.objective`'s loss with the config's loss weights bound (train.pair_weight,
     train.discriminator_weight); the step passes z_loss itself."""
+    weights = loss_weights(config)
+    loss = objective(config.train.objective).loss
+    return functools.partial(loss, **weights) if weights else loss
+
+
+def loss_weights(config: ConfigDict) -> dict[str, float]:
+    """The keyword arguments of `train.objective`'s loss that the config sets (its lambdas)."""
     o = objective(config.train.objective)
-    if not o.weights:
-        return o.loss
-    return functools.partial(o.loss, **{kw: float(config.train[key]) for kw, key in o.weights})
+    return {kw: float(config.train[key]) for kw, key in o.weights}
 
 
 def build(cfg: ModelConfig, *, decode: bool = False) -> nn.Module:

@@ -21,6 +21,7 @@ from train.checkpoint import Checkpointer, directory as checkpoints_dir
 from train.config import validate
 from train.decoding import generate
 from train.decoding.options import Options
+from train.distill import teacher as distill_teacher
 from train.evaluation.evaluate import evaluate
 from train.finetune import backbone as finetune_backbone, selection
 from train.metrics import MetricsLog, console, peak_tflops, throughput
@@ -54,6 +55,7 @@ def train(config: ConfigDict, workdir: str | Path, *, progress: bool = True,
     if config.get("quant", {}).get("mode") == "ptq":   # int kernels, no optimizer state
         raise ConfigError("quant.mode=ptq runs are for inference (train.eval, train.generate); "
                           "train with quant.mode=qat, or fine-tune the float run")
+    config = distill_teacher.resolve(config)   # distillation: pin the teacher, its vocabulary
     workdir = workdir_lib.prepare(workdir)
     with workdir_lib.lock(workdir, enabled=jax.process_index() == 0), \
             Preemption(config.train.get("preempt_grace_s", 30.0)) as preempt:
@@ -75,6 +77,7 @@ def _train(config: ConfigDict, workdir: Path, progress: bool, stop_after: int | 
     with activate(setup.mesh, setup.rules):
         batches = pipeline.train_batches(config.data, tokenizer, setup.batch_sharding,
                                          objective=config.train.objective)
+        teacher = distill_teacher.restore(setup)   # None unless distill.teacher
         state, changes = _initial_state(setup, ckpt, batches, workdir)
         log = MetricsLog(workdir, config.train.steps, int(state.step), progress=progress)
         n_params = state_lib.param_count(state.params)
@@ -99,7 +102,7 @@ def _train(config: ConfigDict, workdir: Path, progress: bool, stop_after: int | 
 
         try:
             state, last_eval = _train_steps(setup, state, batches, ckpt, reporter, run_eval,
-                                            last, preempt)
+                                            last, preempt, teacher)
             ckpt.wait()
         except BaseException:
             log.close()
@@ -155,11 +158,12 @@ def _initial_state(setup: Setup, ckpt: Checkpointer, batches: pipeline.GlobalBat
 
 def _train_steps(setup: Setup, state: state_lib.TrainState, batches: pipeline.GlobalBatches,
                  ckpt: Checkpointer, reporter: "Reporter", run_eval, last: int,
-                 preempt: Preemption):
+                 preempt: Preemption, teacher=None):
     """Steps from the state's step to `last`, with periodic eval and checkpoints; a stop
-    request checkpoints the step in flight and ends early."""
+    request checkpoints the step in flight and ends early. `teacher`: a distillation teacher
+    (train/distill/teacher.py), whose soft targets the train step adds to the loss."""
     config = setup.config
-    train_step = setup.train_step()
+    train_step = setup.train_step(teacher)
     watch = NonFiniteWatch(config.train.get("nonfinite", "halt"), ckpt)
     reporter.watch = watch
     last_eval, first, saved = None, int(state.step), None

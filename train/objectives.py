@@ -3,7 +3,8 @@
 Objectives return sums, not means, so micro-batches (gradient accumulation) and shards combine
 exactly: the step divides by the total weight of the whole global batch once. Every objective is
 `objective(model, params, batch, *, rng, train, z_loss) -> (total_loss_sum, sums)` where `sums`
-holds at least "loss" (summed main loss) and "weight" (what it is averaged over).
+holds at least "loss" (summed main loss) and "weight" (what it is averaged over). Most are a
+`Split` (a forward pass, then the loss of its outputs), which distillation builds on.
 
 Batch layouts (data/pipeline.py produces them; int32 unless noted, B rows):
   clm              inputs, targets, positions, segment_ids [B,T]; weights [B,T] float32
@@ -30,6 +31,7 @@ config's lambda (train.pair_weight, train.discriminator_weight), which families.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -41,6 +43,36 @@ from configs.base import get_config as base_config
 
 Sums = dict[str, jax.Array]
 Objective = Callable[..., tuple[jax.Array, Sums]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """An objective split into its forward pass and the loss of what that returns, so that
+    knowledge distillation (train/distill/) can run the same forward pass on a teacher and
+    compare the distributions `logits` picks out. Called, it is the objective."""
+    forward: Callable[..., Any]                                  # (model, params, batch, *,
+    #                                                              rng, train) -> outputs
+    loss: Callable[..., tuple[jax.Array, Sums]]                 # (outputs, batch, z_loss,
+    #                                                              **weights)
+    logits: Callable[[Any, dict], tuple[jax.Array, jax.Array]]  # (outputs, batch) ->
+    #                                   logits_BxTxV and weights_BxT of the predicted positions
+
+    def __call__(self, model: nn.Module, params: Any, batch: dict[str, jax.Array], *,
+                 rng: jax.Array, train: bool, z_loss: float = 0.0, **weights: float
+                 ) -> tuple[jax.Array, Sums]:
+        """`weights`: the loss's own lambdas (mlm: pair_weight), as families.loss binds them."""
+        return self.loss(self.forward(model, params, batch, rng=rng, train=train), batch, z_loss,
+                         **weights)
+
+
+def _on_tokens(targets: str, weights: str) -> tuple[Callable, Callable]:
+    """(loss, logits) of a Split whose forward returns logits_BxTxC of `batch[targets]`,
+    weighted by `batch[weights]` (a classifier's [B] labels are its logits' [B, 1])."""
+    def loss(logits, batch, z_loss):
+        shape = logits.shape[:-1]
+        return token_cross_entropy(logits, batch[targets].reshape(shape),
+                                   batch[weights].reshape(shape), z_loss)
+    return loss, lambda logits, batch: (logits, batch[weights].reshape(logits.shape[:-1]))
 
 
 def token_cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array,
@@ -59,12 +91,14 @@ def token_cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights
                    "weight": jnp.sum(weights_BxT)}
 
 
-def clm(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng: jax.Array,
-        train: bool, z_loss: float = 0.0) -> tuple[jax.Array, Sums]:
+def _clm_logits(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng: jax.Array,
+                train: bool) -> jax.Array:
     """Causal LM: predict `targets` from `inputs` inside each packed segment."""
-    logits_BxTxV = model.apply({"params": params}, batch["inputs"], batch["positions"],
-                               batch["segment_ids"], train=train, rngs={"dropout": rng})
-    return token_cross_entropy(logits_BxTxV, batch["targets"], batch["weights"], z_loss)
+    return model.apply({"params": params}, batch["inputs"], batch["positions"],
+                       batch["segment_ids"], train=train, rngs={"dropout": rng})
+
+
+clm = Split(_clm_logits, *_on_tokens("targets", "weights"))
 
 
 def _rescaled(sums: Sums, weight: jax.Array, to_weight: jax.Array) -> Sums:
@@ -85,14 +119,17 @@ def pair_cross_entropy(logits_Bx2: jax.Array, labels_B: jax.Array, weights_B: ja
 PAIR_WEIGHT = base_config().train.pair_weight   # BERT adds the two losses: lambda = 1
 
 
-def mlm(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng: jax.Array,
-        train: bool, z_loss: float = 0.0, pair_weight: float = PAIR_WEIGHT
-        ) -> tuple[jax.Array, Sums]:
+def _mlm_outputs(model: nn.Module, params: Any, batch: dict[str, jax.Array], *,
+                 rng: jax.Array, train: bool) -> dict[str, jax.Array]:
+    return model.apply({"params": params}, batch["inputs"], batch["positions"],
+                       batch["segment_ids"], batch["type_ids"], train=train,
+                       rngs={"dropout": rng})
+
+
+def _mlm_loss(out: dict[str, jax.Array], batch: dict[str, jax.Array], z_loss: float,
+              pair_weight: float = PAIR_WEIGHT) -> tuple[jax.Array, Sums]:
     """BERT: masked-token cross entropy on the weighted positions (its mean is "loss"), plus
     `pair_weight` times the mean sentence-pair loss when the batch has `pair_labels`."""
-    out = model.apply({"params": params}, batch["inputs"], batch["positions"],
-                      batch["segment_ids"], batch["type_ids"], train=train,
-                      rngs={"dropout": rng})
     total, sums = token_cross_entropy(out["mlm_logits"], batch["targets"], batch["weights"],
                                       z_loss)
     if "pair_labels" in batch:
@@ -103,6 +140,9 @@ def mlm(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng: jax.
         total = total + pair_weight * pair_sums["pair_loss"]
         sums.update(pair_sums)
     return total, sums
+
+
+mlm = Split(_mlm_outputs, _mlm_loss, lambda out, batch: (out["mlm_logits"], batch["weights"]))
 
 
 # ELECTRA's lambda (the discriminator loss is ~50x smaller); train.discriminator_weight sets it
@@ -149,16 +189,17 @@ def electra(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng: 
                    "replaced": jnp.sum(replaced_BxT * real_BxT), "weight": n_real}
 
 
-def seq2seq(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng: jax.Array,
-            train: bool, z_loss: float = 0.0) -> tuple[jax.Array, Sums]:
+def _seq2seq_logits(model: nn.Module, params: Any, batch: dict[str, jax.Array], *,
+                    rng: jax.Array, train: bool) -> jax.Array:
     """Encoder-decoder cross entropy of `decoder_targets` (span corruption, prefix LM,
     denoising)."""
-    logits_BxSxV = model.apply(
+    return model.apply(
         {"params": params}, batch["encoder_inputs"], batch["decoder_inputs"],
         batch["encoder_positions"], batch["encoder_segment_ids"], batch["decoder_positions"],
         batch["decoder_segment_ids"], train=train, rngs={"dropout": rng})
-    return token_cross_entropy(logits_BxSxV, batch["decoder_targets"], batch["decoder_weights"],
-                               z_loss)
+
+
+seq2seq = Split(_seq2seq_logits, *_on_tokens("decoder_targets", "decoder_weights"))
 
 
 def plm(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng: jax.Array,
@@ -174,33 +215,40 @@ def plm(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng: jax.
     return total, sums
 
 
-def classify(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng: jax.Array,
-             train: bool, z_loss: float = 0.0) -> tuple[jax.Array, Sums]:
+def _classify_logits(model: nn.Module, params: Any, batch: dict[str, jax.Array], *,
+                     rng: jax.Array, train: bool) -> jax.Array:
     """Sequence classification (data/tasks.py rows): cross entropy of `labels` over the rows
-    weighted by `label_weights` (padding rows of an eval pass weigh 0)."""
+    weighted by `label_weights` (padding rows of an eval pass weigh 0); logits_Bx1xC."""
     logits_BxC = model.apply({"params": params}, batch["inputs"], batch["positions"],
                              batch["segment_ids"], batch["type_ids"], train=train,
                              rngs={"dropout": rng})
-    total, sums = token_cross_entropy(logits_BxC[:, None], batch["labels"][:, None],
-                                      batch["label_weights"][:, None], z_loss)
-    return total, sums
+    return logits_BxC[:, None]
 
 
-def tag(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng: jax.Array,
-        train: bool, z_loss: float = 0.0) -> tuple[jax.Array, Sums]:
+classify = Split(_classify_logits, *_on_tokens("labels", "label_weights"))
+
+
+def _tag_logits(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng: jax.Array,
+                train: bool) -> jax.Array:
     """Token classification: cross entropy of `tags` on the first piece of each word."""
-    logits_BxTxC = model.apply({"params": params}, batch["inputs"], batch["positions"],
-                               batch["segment_ids"], batch["type_ids"], train=train,
-                               rngs={"dropout": rng})
-    return token_cross_entropy(logits_BxTxC, batch["tags"], batch["tag_weights"], z_loss)
+    return model.apply({"params": params}, batch["inputs"], batch["positions"],
+                       batch["segment_ids"], batch["type_ids"], train=train,
+                       rngs={"dropout": rng})
 
 
-def text2text(model: nn.Module, params: Any, batch: dict[str, jax.Array], *, rng: jax.Array,
-              train: bool, z_loss: float = 0.0) -> tuple[jax.Array, Sums]:
+tag = Split(_tag_logits, *_on_tokens("tags", "tag_weights"))
+
+
+def _by_layout(batch: dict[str, jax.Array]) -> Split:
     """Conditional generation: a decoder's clm loss on the target tokens (the prompt weighs 0),
     or an encoder-decoder's seq2seq loss; the rows' layout says which."""
-    loss = seq2seq if "encoder_inputs" in batch else clm
-    return loss(model, params, batch, rng=rng, train=train, z_loss=z_loss)
+    return seq2seq if "encoder_inputs" in batch else clm
+
+
+text2text = Split(lambda model, params, batch, **kw: _by_layout(batch).forward(
+                      model, params, batch, **kw),
+                  lambda out, batch, z_loss: _by_layout(batch).loss(out, batch, z_loss),
+                  lambda out, batch: _by_layout(batch).logits(out, batch))
 
 
 OBJECTIVES: dict[str, Objective] = {"clm": clm, "mlm": mlm, "electra": electra,

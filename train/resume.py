@@ -26,7 +26,7 @@ from train.metrics import console
 FIXED = ("model.", "train.objective", "data.seq_len", "data.target_len", "data.batch_size",
          "data.tokenizer.fingerprint", "finetune.init_from", "finetune.mode",
          "finetune.prompt_length", "finetune.lora_rank", "finetune.lora_targets",
-         "data.task.labels")
+         "data.task.labels", "distill.teacher_checkpoint")
 WHY = {"model.": "the parameters define the model",
        "data.tokenizer.fingerprint": "the embeddings belong to the vocabulary",
        "train.objective": "the optimizer state was built for its loss",
@@ -38,7 +38,9 @@ WHY = {"model.": "the parameters define the model",
        "finetune.prompt_length": "the parameters define the model",
        "finetune.lora_rank": "the parameters define the model",
        "finetune.lora_targets": "the parameters define the model",
-       "data.task.labels": "the head's outputs are those labels"}
+       "data.task.labels": "the head's outputs are those labels",
+       "distill.teacher_checkpoint": "the student is being distilled from that teacher "
+                                     "checkpoint"}
 
 T = TypeVar("T")
 

@@ -43,12 +43,19 @@ class Setup:
     def objective(self) -> families.Objective:
         return families.objective(self.config.train.objective)
 
-    def train_step(self):
-        return in_step(step_lib.jit_train_step(
-            self.state_shardings, self.batch_sharding, objective=families.loss(self.config),
+    def train_step(self, teacher: step_lib.Teacher | None = None):
+        """The jitted `step(state, batch)`; with a distillation `teacher`, its loss and its
+        params (bound here as the step's third argument)."""
+        step = in_step(step_lib.jit_train_step(
+            self.state_shardings, self.batch_sharding,
+            None if teacher is None else teacher.shardings,
+            objective=families.loss(self.config) if teacher is None else teacher.loss,
             model=self.model, tx=self.tx, lr_schedule=self.lr_schedule,
             grad_accum=self.config.opt.grad_accum, z_loss=self.config.train.z_loss,
             skip_nonfinite=self.config.train.get("nonfinite") == "skip"), "train")
+        if teacher is None:
+            return step
+        return lambda state, batch: step(state, batch, teacher.params)
 
     def eval_step(self):
         return in_step(step_lib.jit_eval_step(
@@ -86,10 +93,27 @@ def build(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Se
     rules = rules_from_config(config.mesh.rules)
     if jax.process_count() > 1:
         check_process_rows(mesh, rules)
+    model_cfg = model_config(config)
+    model = module(config, model_cfg)
+    tx, lr_schedule = optimizer.make(config.opt, config.train.steps, config.finetune)
+    tx = pruning.wrap(tx, config.prune)   # prune.target > 0: masks in the optimizer state
+    with activate(mesh, rules):
+        shardings = state_lib.shardings(model, model_cfg, tx, mesh, rules)
+    return Setup(config, model_cfg, model, mesh, rules, tx, lr_schedule, shardings,
+                 batch_sharding(mesh, rules))
+
+
+def model_config(config: ConfigDict) -> ModelConfig:
+    """The ModelConfig of a run's config (a quantized run's activations included)."""
     quant = config.get("quant", {})    # absent in checkpoints saved before quantization
-    mode = quant.get("mode", "none")
-    model_cfg = ModelConfig.from_mapping(
-        config.model, quant_activations=quant.get("activations", "") if mode == "ptq" else "")
+    return ModelConfig.from_mapping(
+        config.model,
+        quant_activations=quant.get("activations", "") if quant.get("mode") == "ptq" else "")
+
+
+def module(config: ConfigDict, model_cfg: ModelConfig) -> nn.Module:
+    """The module `config` trains: its family's, under a task head, with a soft prompt, LoRA
+    or quantization as the config says."""
     # labels are resolved from the train split when a run starts (train/finetune/backbone.py);
     # unresolved (benchmarks, shape checks) the head fits the synthetic batches' labels
     n_labels = len(config.data.task.labels) or synthetic.N_SYNTHETIC_LABELS
@@ -98,18 +122,12 @@ def build(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Se
                                ft.prompt_length if ft.mode == "prompt" else 0)
     if ft.mode == "prompt" and families.objective(config.train.objective).head is None:
         model = soft_prompt.SoftPromptModel(model, ft.prompt_length, model_cfg.init_std)
-    if config.finetune.mode == "lora":
-        model = lora.LoraModel(model, config.finetune.lora_rank, config.finetune.lora_alpha,
-                               tuple(config.finetune.lora_targets),
-                               config.finetune.lora_dropout)
-    model = quant_lib.wrap(model, mode, quant.get("weights", "int8"),
-                           quant.get("activations", ""), quant.get("calibration_batches", 0) > 0)
-    tx, lr_schedule = optimizer.make(config.opt, config.train.steps, config.finetune)
-    tx = pruning.wrap(tx, config.prune)   # prune.target > 0: masks in the optimizer state
-    with activate(mesh, rules):
-        shardings = state_lib.shardings(model, model_cfg, tx, mesh, rules)
-    return Setup(config, model_cfg, model, mesh, rules, tx, lr_schedule, shardings,
-                 batch_sharding(mesh, rules))
+    if ft.mode == "lora":
+        model = lora.LoraModel(model, ft.lora_rank, ft.lora_alpha, tuple(ft.lora_targets),
+                               ft.lora_dropout)
+    quant = config.get("quant", {})
+    return quant_lib.wrap(model, quant.get("mode", "none"), quant.get("weights", "int8"),
+                          quant.get("activations", ""), quant.get("calibration_batches", 0) > 0)
 
 
 def with_vocab(config: ConfigDict, tokenizer: Tokenizer) -> ConfigDict:
