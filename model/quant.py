@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import qwix
 
 from model.layers import INPUT_SCALE, QTYPES, Dense
+from model.wrapper import ModelWrapper
 KERNEL = "kernel"   # the name of model.layers.Dense's parameter (the only "kernel" in Loom)
 
 
@@ -173,22 +174,12 @@ def qat_rule(weights: str, activations: str) -> qwix.QtRule:
 
 
 @dataclasses.dataclass(frozen=True)
-class PtqModel:
+class PtqModel(ModelWrapper):
     """The model of a post-training-quantized run: `init` gives the params with every Dense
     kernel a QArray (what its checkpoint holds and restores into); `apply` is the model's own,
     since Dense runs a QArray kernel's quantized matmul by itself."""
-    inner: nn.Module
     weights: str
     calibrated: bool = False   # static input scales (quant.calibration_batches > 0)
-
-    def __getattr__(self, name):
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    @property
-    def n_inputs(self):
-        return getattr(self.inner, "n_inputs", None)
 
     def init(self, rng, *args, **kwargs):
         variables = self.inner.init(rng, *args, **kwargs)
@@ -203,9 +194,6 @@ class PtqModel:
             params = with_input_scales(params, scales)
         return {**variables, "params": params}
 
-    def apply(self, variables, *args, **kwargs):
-        return self.inner.apply(variables, *args, **kwargs)
-
 
 def wrap(model: nn.Module, mode: str, weights: str, activations: str,
          calibrated: bool = False):
@@ -218,30 +206,17 @@ def wrap(model: nn.Module, mode: str, weights: str, activations: str,
 
 
 @dataclasses.dataclass(frozen=True)
-class QatModel:
+class QatModel(ModelWrapper):
     """A model whose Dense matmuls are fake-quantized by qwix's QtProvider (straight-through
     gradients); `init` and `apply` as a Flax module's, params unchanged (float)."""
-    inner: nn.Module
     weights: str
     activations: str
-
-    def __getattr__(self, name):    # methods the objectives name (generator_logits, ...)
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    @property
-    def n_inputs(self):
-        return getattr(self.inner, "n_inputs", None)
 
     def _quantized(self) -> nn.Module:
         methods = [m for m in ("__call__", "generator_logits", "discriminator_logits", "encode",
                                "decoder_logits") if callable(getattr(type(self.inner), m, None))]
         provider = qwix.QtProvider([qat_rule(self.weights, self.activations)])
         return qwix.quantize_model(self.inner, provider, methods=methods)
-
-    def init(self, rng, *args, **kwargs):
-        return self.inner.init(rng, *args, **kwargs)
 
     def apply(self, variables, *args, method=None, **kwargs):
         if method is not None and not isinstance(method, str):

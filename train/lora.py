@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from model.layers import Dense
+from model.wrapper import ModelWrapper
 from model.sharding import unboxed
 
 KEY = "lora"
@@ -52,23 +53,13 @@ def _targets(boxed: Any, targets: Sequence[str]) -> dict[str, nn.Partitioned]:
 
 
 @dataclasses.dataclass(frozen=True)
-class LoraModel:
+class LoraModel(ModelWrapper):
     """The model of a LoRA run: `init` and `apply` as a Flax module's (what the train state,
     the steps and the objectives use), with the adapters in params["lora"]."""
-    inner: nn.Module
     rank: int
     alpha: float
     targets: tuple[str, ...]
     dropout: float = 0.0
-
-    def __getattr__(self, name):     # methods the objectives name (generator_logits, ...)
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    @property
-    def n_inputs(self):
-        return getattr(self.inner, "n_inputs", None)
 
     def init(self, rng, *args, **kwargs):
         variables = self.inner.init(rng, *args, **kwargs)

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 
 from model.sharding import unboxed
+from model.wrapper import ModelWrapper
 
 KEY = "prompt"
 
@@ -30,21 +31,11 @@ def split(params: Any) -> tuple[Any, jax.Array | None]:
 
 
 @dataclasses.dataclass(frozen=True)
-class SoftPromptModel:
+class SoftPromptModel(ModelWrapper):
     """`init` and `apply` as a Flax module's (what the train state, the steps and the
     objectives use), with the soft prompt in params["prompt"]."""
-    inner: nn.Module
     length: int
     init_std: float
-
-    def __getattr__(self, name):     # methods the objectives name
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    @property
-    def n_inputs(self):
-        return getattr(self.inner, "n_inputs", None)
 
     def init(self, rng, *args, **kwargs):
         variables = self.inner.init(rng, *args, **kwargs)

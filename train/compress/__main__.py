@@ -1,7 +1,8 @@
 """python -m train.compress COMMAND --workdir RUN --out NEW_RUN [...]
 
-Each command lives in its own module of this package, which adds its subparser in
-`add_parser(commands)` and sets `run=` (called with the parsed arguments) as its default.
+Each command lives in its own module of this package, which adds its subparser and its own
+flags in `add_parser(commands)` and sets `run=` (called with the parsed arguments) as its
+default; --workdir, --step and --out, which every command takes, are added here.
 """
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     for module in COMMANDS.values():
         sub = importlib.import_module(f"train.compress.{module}").add_parser(commands)
+        sub.add_argument("--workdir", required=True, help="directory of the training run")
+        sub.add_argument("--step", default="latest", help="its checkpoint: latest, best or a "
+                         "step number")
+        sub.add_argument("--out", required=True, help="new run directory (absent or empty)")
         sub.add_argument("--verbose", action="store_true", help="tracebacks for errors")
         distributed.add_flags(sub)
     with fail_cleanly("--verbose" in argv):

@@ -13,10 +13,6 @@ def add_parser(commands) -> argparse.ArgumentParser:
     sub = commands.add_parser("drop-layers", help="keep only some blocks of the layer stack",
                               description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub.add_argument("--workdir", required=True, help="directory of a training run")
-    sub.add_argument("--step", default="latest", help="checkpoint: latest, best or a number")
-    sub.add_argument("--out", required=True, help="new run directory (must not exist or be "
-                     "empty)")
     sub.add_argument("--keep", help="blocks kept, in increasing order, e.g. 0,2,3 (the "
                      "decoder's, the encoder's, or ELECTRA's generator's and discriminator's)")
     sub.add_argument("--keep-encoder", help="encoder_decoder: encoder blocks kept (default all)")

@@ -14,10 +14,6 @@ def add_parser(commands) -> argparse.ArgumentParser:
     sub = commands.add_parser("prune", help="one-shot magnitude pruning (unstructured or N:M)",
                               description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub.add_argument("--workdir", required=True, help="directory of a training run")
-    sub.add_argument("--step", default="latest", help="checkpoint: latest, best or a number")
-    sub.add_argument("--out", required=True, help="new run directory (must not exist or be "
-                     "empty)")
     sub.add_argument("--sparsity", type=float, help="fraction of the kernels' weights pruned, "
                      "in [0, 1); N:M patterns: 1 - N/M (the default for them)")
     sub.add_argument("--pattern", default="unstructured",

@@ -24,9 +24,6 @@ def add_parser(commands) -> argparse.ArgumentParser:
     sub = commands.add_parser("quantize", help="int8/int4 post-training quantization (qwix)",
                               description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub.add_argument("--workdir", required=True, help="the run to quantize")
-    sub.add_argument("--step", default="latest", help="latest | best | a step number")
-    sub.add_argument("--out", required=True, help="new run directory (absent or empty)")
     sub.add_argument("--weights", required=True, help="int8 | int4")
     sub.add_argument("--activations", default="", help="'' (weights only, default) | int8: "
                      "the projections' inputs too (int8 x int8 matmuls)")
