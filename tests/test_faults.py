@@ -320,11 +320,10 @@ def test_failing_save_is_a_clear_error_that_keeps_the_previous_checkpoint(config
                            str(tmp_path), "--no-progress", "--config.train.steps=8"],
                           preexec_fn=small_files, capture_output=True, text=True, timeout=300)
     err = proc.stderr
-    # (tensorstore may still print "Event loop is closed" of its cancelled writes at exit)
     last = next((line for line in err.splitlines() if line.startswith("error: ")), err[-3000:])
-    # Loom's own error is one line; no traceback comes through Loom's code (orbax/tensorstore
-    # writer threads may still print theirs at interpreter exit on a loaded machine)
-    assert proc.returncode == 2 and '/train/loop.py"' not in err and last.startswith(
+    # Loom's own error is one line, and the tracebacks of orbax's and tensorstore's abandoned
+    # writes ("Event loop is closed", "Task exception was never retrieved") are not shown
+    assert proc.returncode == 2 and "Traceback" not in err and last.startswith(
         f"error: writing the checkpoint of step 8 to {tmp_path}/checkpoints failed (File too "
         "large); the previous checkpoint (step 4) is kept"), last
     assert Checkpointer(tmp_path).steps() == [4]

@@ -143,7 +143,7 @@ def nn_unbox(tree):
 
 @pytest.fixture(scope="module")
 def trained(data_dir, tokenizer_path, tmp_path_factory):
-    from tests.conftest import tiny_config
+    from conftest import tiny_config
     config = tiny_config(data_dir, tokenizer_path)
     config.model.n_layers = 3
     config.train.update(steps=2)

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -54,6 +55,31 @@ _OS_ERROR = re.compile(r"File too large|No space left on device|Disk quota excee
                        r"Input/output error")
 
 
+def _closed_loop(exc: BaseException | None) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _drop_closed_loop_tracebacks() -> None:
+    """From now on (once per process), the "Event loop is closed" tracebacks that tensorstore's
+    callbacks raise on orbax's closed event loop when a save fails (dozens, from its writer
+    threads, printed through sys.excepthook or as unraisable, interleaved with Loom's error) are
+    not printed: the failed save is reported once, as the run's one-line error."""
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+    if getattr(excepthook, "drops_closed_loop", False):
+        return
+
+    def quiet_excepthook(kind, value, tb):
+        if not _closed_loop(value):
+            excepthook(kind, value, tb)
+
+    def quiet_unraisablehook(unraisable):
+        if not _closed_loop(unraisable.exc_value):
+            unraisablehook(unraisable)
+
+    quiet_excepthook.drops_closed_loop = True
+    sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
+
+
 def _chain(e: BaseException) -> list[BaseException]:
     out = []
     while e is not None and e not in out:
@@ -80,6 +106,19 @@ class _RaisedAnyway(logging.Filter):
 _ORBAX_THREADS = _RaisedAnyway()
 
 
+class _AbandonedWrites(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" of orbax's write tasks that a
+    failed save abandons: each repeats the save's own error (one CheckpointError)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Task exception was never retrieved")
+                    and "orbax" in message)
+
+
+_ORBAX_TASKS = _AbandonedWrites()
+
+
 class Checkpointer:
     """One run's checkpoint directory (`<workdir>/checkpoints/<step>/<item>`)."""
 
@@ -93,6 +132,8 @@ class Checkpointer:
                                        keep_checkpoints_without_metrics=False))
         self.path = directory(workdir)
         logging.getLogger("absl").addFilter(_ORBAX_THREADS)   # once: filters are a set
+        logging.getLogger("asyncio").addFilter(_ORBAX_TASKS)
+        _drop_closed_loop_tracebacks()
         if read_only and not self.path.is_dir():
             raise CheckpointError(f"no checkpoints in {self.path}; is --workdir the directory of "
                                   "a training run?")
@@ -182,6 +223,7 @@ class Checkpointer:
         process, which is ending with that error."""
         for name in ("absl", "asyncio"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+        _drop_closed_loop_tracebacks()
         try:
             self.manager.close()
         except Exception:   # noqa: BLE001 - the save's own error is the one reported
