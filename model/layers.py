@@ -173,9 +173,9 @@ def rope(x_BxTxNxK: jax.Array, positions_BxT: jax.Array | Rotary, theta: float) 
     [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], computed as x * [cos, cos] + [x2, x1] *
     [-sin, sin] with the halves as an axis of two and [x2, x1] its reversal: one elementwise
     fusion that XLA writes straight in the layout the attention matmul reads (slicing and
-    concatenating the halves instead costs a copy and a transpose of q and k per layer, ~5% of
-    the tiny f32 train step's memory traffic on CPU). `positions_BxT` may be the tables of
-    `rotary` already."""
+    concatenating the halves instead adds copies and transposes of q and k: 1-5% more memory
+    traffic in the tiny f32 train step on CPU, by the form). `positions_BxT` may be the tables
+    of `rotary` already."""
     k = x_BxTxNxK.shape[-1]
     tables = positions_BxT if isinstance(positions_BxT, Rotary) else rotary(positions_BxT, k,
                                                                             theta)
