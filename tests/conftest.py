@@ -60,6 +60,45 @@ def tiny_config(data_dir: str, tokenizer_path: str):
     return c
 
 
+def train_run(config, devices, steps, initial=None, keep_params_at=2):
+    """Metrics of each step on synthetic batches, the params after `keep_params_at` steps, and
+    the initial state on the host (`initial`, when given, is laid out on this mesh instead):
+    what the sharded-equals-one-device tests compare."""
+    from model.sharding import activate
+    from train import families, state as state_lib
+    from train.setup import build
+    setup = build(config, devices)
+    records, kept = [], None
+    with activate(setup.mesh, setup.rules):
+        if initial is None:
+            state = state_lib.init(setup.model, setup.model_cfg, setup.tx,
+                                   setup.state_shardings, 0)
+            initial = jax.device_get(state)      # the step donates the state's buffers
+        else:
+            state = jax.device_put(initial, setup.state_shardings)
+        step = setup.train_step()
+        for i in range(steps):
+            state, metrics = step(state, families.synthetic_batch(config, setup.batch_sharding,
+                                                                   seed=i))
+            records.append(metrics)
+            if i + 1 == keep_params_at:
+                kept = jax.device_get(state.params)
+    return jax.device_get(records), kept, initial
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_path):
+    from data.tokenizer import Tokenizer
+    return Tokenizer.load(tokenizer_path)
+
+
+@pytest.fixture(scope="session")
+def topics():
+    """Real English prose: the interpreter's pydoc topics (79 documents, ~600k characters)."""
+    from pydoc_data.topics import topics
+    return [topics[k] for k in sorted(topics)]
+
+
 @pytest.fixture
 def config(data_dir, tokenizer_path):
     return tiny_config(data_dir, tokenizer_path)

@@ -9,7 +9,7 @@ import pytest
 
 from data import config as data_config, masking, pipeline, sentence_pairs, span_corruption
 from data.packing import Doc
-from data.tokenizer import CLS, MASK, SEP, Tokenizer
+from data.tokenizer import CLS, MASK, SEP
 from errors import DataError
 
 INT, FLOAT = np.int32, np.float32
@@ -24,18 +24,6 @@ LAYOUTS = {  # the contract in train/objectives.py
     "mlm": MLM_LAYOUT, "electra": MLM_LAYOUT,
     "span_corruption": ENC_DEC_LAYOUT, "prefix_lm": ENC_DEC_LAYOUT, "denoise": ENC_DEC_LAYOUT,
 }
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_path):
-    return Tokenizer.load(tokenizer_path)
-
-
-@pytest.fixture(scope="module")
-def topics():
-    """Real English prose: the interpreter's pydoc topics (79 documents, ~600k characters)."""
-    from pydoc_data.topics import topics
-    return [topics[k] for k in sorted(topics)]
 
 
 def _docs(texts, epoch=0):

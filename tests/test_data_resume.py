@@ -10,7 +10,6 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data import pipeline
-from data.tokenizer import Tokenizer
 from train.checkpoint import Checkpointer
 from train.loop import read_metrics, train
 from train.state import TrainState
@@ -19,11 +18,6 @@ from train.state import TrainState
 @pytest.fixture(scope="module")
 def sharding():
     return NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec("data"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_path):
-    return Tokenizer.load(tokenizer_path)
 
 
 def _batches(config, tokenizer, sharding, objective="clm", split="train"):

@@ -18,7 +18,7 @@ import pytest
 from configs.base import get_config
 from data import noise, pipeline, sentence_pairs
 from data.packing import Doc
-from data.tokenizer import EOS, MASK, Tokenizer
+from data.tokenizer import EOS, MASK
 from errors import ConfigError, LoomError
 from model.attention import Attention
 from model.config import ModelConfig
@@ -32,17 +32,6 @@ from train.loop import train
 from train.setup import build
 
 OFF = dict(infill_rate=0.0, permute_rate=0.0)   # every noise off; a test turns one on
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_path):
-    return Tokenizer.load(tokenizer_path)
-
-
-@pytest.fixture(scope="module")
-def topics():
-    from pydoc_data.topics import topics
-    return [topics[k] for k in sorted(topics)]
 
 
 def _examples(tokenizer, texts, seq_len=128, **rates):

@@ -11,12 +11,13 @@ import pytest
 
 from configs.base import get_config
 from errors import ConfigError
-from model.sharding import activate, unboxed
-from train import objectives, state as state_lib, synthetic
+from model.sharding import unboxed
+from train import objectives, synthetic
 from train import families
 from train.config import validate
 from train.families import OBJECTIVES
 from train.setup import build
+from conftest import train_run
 
 NEW = ["mlm", "electra", "span_corruption", "prefix_lm"]
 STEPS = 150
@@ -34,28 +35,6 @@ def objective_config(objective, **model):
     c.eval.update(sample_prompt="")
     validate(c)
     return c
-
-
-def train_run(config, devices, steps, initial=None, keep_params_at=2):
-    """Metrics of each step on synthetic batches, the params after `keep_params_at` steps, and
-    the initial state on the host (`initial`, when given, is laid out on this mesh instead)."""
-    setup = build(config, devices)
-    records, kept = [], None
-    with activate(setup.mesh, setup.rules):
-        if initial is None:
-            state = state_lib.init(setup.model, setup.model_cfg, setup.tx,
-                                   setup.state_shardings, 0)
-            initial = jax.device_get(state)      # the step donates the state's buffers
-        else:
-            state = jax.device_put(initial, setup.state_shardings)
-        step = setup.train_step()
-        for i in range(steps):
-            state, metrics = step(state, families.synthetic_batch(config, setup.batch_sharding,
-                                                                   seed=i))
-            records.append(metrics)
-            if i + 1 == keep_params_at:
-                kept = jax.device_get(state.params)
-    return jax.device_get(records), kept, initial
 
 
 def falls(records, key, by):

@@ -22,6 +22,7 @@ from train import families, state as state_lib
 from train.config import validate
 from train.loop import read_metrics, train
 from train.setup import build
+from conftest import train_run
 
 # One packed row of 8 tokens: segment 1 at positions 0-4, segment 2 at 5-7, no padding.
 SEGMENTS = np.array([[1, 1, 1, 1, 1, 2, 2, 2]], np.int32)
@@ -142,29 +143,12 @@ def synthetic_config():
     return c
 
 
-def two_steps(config, devices, initial=None):
-    setup = build(config, devices)
-    with activate(setup.mesh, setup.rules):
-        if initial is None:
-            state = state_lib.init(setup.model, setup.model_cfg, setup.tx,
-                                   setup.state_shardings, 0)
-            initial = jax.device_get(state)      # the step donates the state's buffers
-        else:
-            state = jax.device_put(initial, setup.state_shardings)
-        step, records = setup.train_step(), []
-        for i in range(2):
-            state, metrics = step(state, families.synthetic_batch(config, setup.batch_sharding,
-                                                                   seed=i))
-            records.append(metrics)
-        return jax.device_get(records), jax.device_get(state.params), initial
-
-
 def test_sharded_step_matches_one_device():
     config = synthetic_config()
     config.mesh.update(data=1, fsdp=1, tensor=1)
-    one, params_one, initial = two_steps(config, jax.devices()[:1])
+    one, params_one, initial = train_run(config, jax.devices()[:1], 2)
     config.mesh.update(data=2, fsdp=2, tensor=2)
-    many, params_many, _ = two_steps(config, jax.devices(), initial)
+    many, params_many, _ = train_run(config, jax.devices(), 2, initial)
     for key in one[0]:
         np.testing.assert_allclose([r[key] for r in one], [r[key] for r in many], rtol=2e-5,
                                    atol=1e-6, err_msg=key)
